@@ -1,0 +1,7 @@
+"""`python -m proxy`: the same as the `ollama-queue-proxy` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

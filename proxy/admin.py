@@ -1,0 +1,54 @@
+"""The admin listener's endpoints: metrics and health, never on the listen port.
+
+A tunnel pointed at the listen port can therefore not expose them: the proxy
+app has no such routes at all, it relays every path to Ollama.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .state import STATE
+
+#: /-/ready must answer quickly even when upstream hangs.
+READY_TIMEOUT = 5.0
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthy(request: web.Request) -> web.Response:
+    """The process serves: for liveness probes, independent of upstream."""
+    return web.json_response({"status": "healthy"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Upstream answers and we are not draining: for load balancers and readiness probes."""
+    state = request.app[STATE]
+    if state.draining:
+        return _not_ready("draining: the proxy is shutting down")
+    assert state.session is not None
+    url = state.config.upstream.url
+    timeout = aiohttp.ClientTimeout(total=READY_TIMEOUT)
+    try:
+        async with state.session.get(url + "/api/version", timeout=timeout) as resp:
+            if resp.status != 200:
+                return _not_ready(f"upstream {url} answered /api/version with {resp.status}")
+            version = (await resp.json(content_type=None)).get("version", "unknown")
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+        return _not_ready(f"upstream {url} not answering /api/version: {str(exc) or type(exc).__name__}")
+    return web.json_response({"status": "ready", "upstream": url, "upstream_version": version})
+
+
+def _not_ready(reason: str) -> web.Response:
+    return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+
+def add_routes(app: web.Application, metrics_path: str) -> None:
+    app.router.add_get(metrics_path, metrics)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", ready)

@@ -1,0 +1,233 @@
+"""Who may run upstream now, and who waits: the admission queue.
+
+One `Admission` owns every count. A request takes a `Slot` with `async with`;
+the slot is granted when both the global limit and the model's cap have room,
+and waiters are admitted in arrival order, except that a waiter whose model is
+at its cap does not block those behind it.
+
+Invariant kept after every change: no waiter could be admitted right now. So a
+newcomer that finds room may run at once without overtaking anyone, and every
+release only has to look for the first waiters that now fit.
+
+Cancellation safety: a slot is counted the moment it is granted, before its
+task resumes, so a task cancelled between grant and resume hands the slot on
+in `__aenter__`'s own cleanup; a task cancelled while waiting just leaves the
+queue. Either way nothing is leaked and `__aexit__` runs only for slots held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from typing import Iterator
+
+from .classify import canonical_model
+from .config import LimitsConfig, format_duration
+from .errors import QueueFull, QueueTimeout
+
+#: Without any finished request to learn from, suggest retrying after this.
+_DEFAULT_RETRY_AFTER = 10
+_MAX_RETRY_AFTER = 600
+
+
+class Slot:
+    """One request's place: waiting, then running, then released."""
+
+    __slots__ = ("_admission", "model", "key", "enqueued_at", "admitted_at", "_future", "_timer")
+
+    def __init__(self, admission: "Admission", model: str) -> None:
+        self._admission = admission
+        self.model = model
+        self.key = canonical_model(model)
+        self.enqueued_at = asyncio.get_running_loop().time()
+        self.admitted_at: float | None = None
+        self._future: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> "Slot":
+        await self._admission._acquire(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._admission._release(self)
+
+    @property
+    def waited(self) -> float:
+        """Seconds spent in the queue (so far, if still waiting)."""
+        end = self.admitted_at if self.admitted_at is not None else asyncio.get_running_loop().time()
+        return end - self.enqueued_at
+
+    def position(self) -> tuple[int, int] | None:
+        """(1-based place, queue length) while waiting; None once admitted."""
+        return self._admission._position(self)
+
+
+class Admission:
+    """The global and per-model limits, and the FIFO of requests waiting for them."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self._limits = limits
+        self._caps = _caps(limits)
+        self._running: Counter[str] = Counter()
+        self._total = 0
+        # A dict is an insertion-ordered set: O(1) removal of a cancelled waiter.
+        self._waiters: dict[Slot, None] = {}
+        self._avg_hold: float | None = None
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self._limits
+
+    def slot(self, model: str) -> Slot:
+        return Slot(self, model)
+
+    def configure(self, limits: LimitsConfig) -> None:
+        """Apply new limits at once: waiting requests keep their place and arrival time.
+
+        Lowering a limit never stops a running request; it only admits fewer.
+        """
+        self._limits = limits
+        self._caps = _caps(limits)
+        loop = asyncio.get_running_loop()
+        for slot in list(self._waiters):
+            if slot._timer is not None:
+                slot._timer.cancel()
+            slot._timer = loop.call_at(slot.enqueued_at + limits.queue_timeout, self._expire, slot)
+        self._dispatch()
+
+    # -- views, for metrics and the queue page ---------------------------------
+
+    @property
+    def max_concurrent(self) -> int:
+        return self._limits.max_concurrent
+
+    @property
+    def running_total(self) -> int:
+        return self._total
+
+    @property
+    def waiting_total(self) -> int:
+        return len(self._waiters)
+
+    def running_by_model(self) -> Counter[str]:
+        return +self._running
+
+    def waiting_by_model(self) -> Counter[str]:
+        return Counter(slot.key for slot in self._waiters)
+
+    def waiters(self) -> Iterator[Slot]:
+        """Waiting slots in queue order."""
+        return iter(list(self._waiters))
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely to free up, from recent hold times."""
+        if self._avg_hold is None:
+            return _DEFAULT_RETRY_AFTER
+        estimate = math.ceil(self._avg_hold / self._limits.max_concurrent)
+        return max(1, min(_MAX_RETRY_AFTER, estimate))
+
+    # -- the slot protocol ------------------------------------------------------
+
+    def _has_room(self, key: str) -> bool:
+        if self._total >= self._limits.max_concurrent:
+            return False
+        cap = self._caps.get(key)
+        return cap is None or self._running[key] < cap
+
+    def _take(self, slot: Slot) -> None:
+        self._total += 1
+        self._running[slot.key] += 1
+        slot.admitted_at = asyncio.get_running_loop().time()
+
+    async def _acquire(self, slot: Slot) -> None:
+        if self._has_room(slot.key):
+            self._take(slot)
+            return
+        limits = self._limits
+        if len(self._waiters) >= limits.max_queue:
+            raise QueueFull(
+                f"queue full: {len(self._waiters)} requests waiting, max_queue={limits.max_queue}; "
+                "retry later, or raise limits.max_queue",
+                retry_after=self.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        slot._future = loop.create_future()
+        slot._timer = loop.call_at(slot.enqueued_at + limits.queue_timeout, self._expire, slot)
+        self._waiters[slot] = None
+        try:
+            await slot._future
+        except BaseException:
+            # Cancelled while waiting, timed out, or granted just as the task was
+            # cancelled: in the last case the slot is already counted, so give it on.
+            self._waiters.pop(slot, None)
+            if slot.admitted_at is not None:
+                self._release(slot)
+            elif slot._future.done() and not slot._future.cancelled():
+                slot._future.exception()  # timed out as it was cancelled: mark it seen
+            raise
+        finally:
+            slot._timer.cancel()
+            slot._timer = None
+            slot._future = None
+
+    def _release(self, slot: Slot) -> None:
+        if slot.admitted_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        hold = loop.time() - slot.admitted_at
+        self._avg_hold = hold if self._avg_hold is None else 0.8 * self._avg_hold + 0.2 * hold
+        slot.admitted_at = None
+        self._total -= 1
+        self._running[slot.key] -= 1
+        if not self._running[slot.key]:
+            del self._running[slot.key]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Admit, in arrival order, every waiter that fits now."""
+        if not self._waiters:
+            return
+        admitted: list[Slot] = []
+        gone: list[Slot] = []
+        for slot in self._waiters:
+            if self._total >= self._limits.max_concurrent:
+                break
+            future = slot._future
+            if future is None or future.done():
+                gone.append(slot)  # its task was cancelled; its own cleanup is pending
+            elif self._has_room(slot.key):
+                self._take(slot)
+                admitted.append(slot)
+        for slot in gone:
+            del self._waiters[slot]
+        for slot in admitted:
+            del self._waiters[slot]
+            assert slot._future is not None
+            slot._future.set_result(None)
+
+    def _expire(self, slot: Slot) -> None:
+        future = slot._future
+        if future is None or future.done() or slot not in self._waiters:
+            return
+        del self._waiters[slot]
+        waited = asyncio.get_running_loop().time() - slot.enqueued_at
+        future.set_exception(
+            QueueTimeout(
+                f"waited {waited:.1f}s for a slot, longer than limits.queue_timeout="
+                f"{format_duration(self._limits.queue_timeout)}; all {self._limits.max_concurrent} slots stayed busy",
+                retry_after=self.retry_after(),
+            )
+        )
+
+    def _position(self, slot: Slot) -> tuple[int, int] | None:
+        if slot not in self._waiters:
+            return None
+        for place, other in enumerate(self._waiters, 1):
+            if other is slot:
+                return place, len(self._waiters)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _caps(limits: LimitsConfig) -> dict[str, int]:
+    return {canonical_model(name): cap for name, cap in limits.models.items()}

@@ -1,0 +1,93 @@
+"""The commands: serve (the default), check-config and demo; signals live here too.
+
+`main` turns argv into one of them and an exit code; nothing else in the
+package reads argv, installs signal handlers or calls sys.exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config, summary
+
+PROG = "ollama-queue-proxy"
+log = logging.getLogger("proxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A queueing reverse proxy for Ollama: admission limits, keep-alive "
+        "frames for waiting clients, and prompt cancellation.",
+    )
+    parser.add_argument(
+        "--config", default="config.yaml", metavar="PATH",
+        help="the config file to serve with (default: ./config.yaml)",
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = commands.add_parser("check-config", help="validate a config file and summarise it")
+    check.add_argument("path", metavar="PATH")
+    commands.add_parser("demo", help="run the proxy against a simulated Ollama and show it queue")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        return check_config(args.path)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo()
+    return serve(args.config)
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(problem)
+        return 1
+    print(f"{path}: valid")
+    print(summary(config))
+    return 0
+
+
+def serve(path: str) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(_serve(config, Path(path)))
+    except OSError as exc:
+        print(f"{PROG}: cannot start: {exc}; is another proxy running on that port?", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: Config, path: Path) -> None:
+    """Run until SIGTERM or SIGINT, reloading on SIGHUP, then drain."""
+    from .app import Server
+
+    server = Server(config, path)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await server.stop()

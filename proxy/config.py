@@ -1,0 +1,619 @@
+"""The proxy's configuration: the only place that reads YAML.
+
+Everything downstream receives a frozen, fully validated `Config`, so no other
+module ever has to wonder whether a value is present, of the right type or in
+range. Validation collects every problem before failing, because an operator
+fixing a file wants the whole list in one `check-config` run, not one error per
+attempt. Each problem names its YAML path so it can be found in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "HeartbeatConfig",
+    "LimitsConfig",
+    "ListenConfig",
+    "MetricsConfig",
+    "RequestConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+    "format_duration",
+    "format_size",
+    "summary",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """Where apps and the tunnel connect."""
+
+    host: str = "127.0.0.1"
+    port: int = 11435
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """Where /metrics and /-/* are served: kept off the listen port so that a
+    tunnel pointed at `listen` cannot expose them."""
+
+    host: str = "127.0.0.1"
+    port: int = 11436
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """The Ollama server; stored without a trailing slash so paths can be
+    appended directly."""
+
+    url: str = "http://127.0.0.1:11434"
+
+
+def _no_models() -> Mapping[str, int]:
+    # A factory because dataclasses refuse an unhashable default, and a
+    # read-only view so a shared Config cannot be changed behind its owner's back.
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Admission limits; `models` caps individual models below the global limit."""
+
+    max_concurrent: int = 3
+    max_queue: int = 100
+    queue_timeout: float = 600.0
+    models: Mapping[str, int] = field(default_factory=_no_models)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """Upstream timeouts in seconds."""
+
+    connect: float = 10.0
+    read: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatConfig:
+    """How often a waiting client hears from the proxy, in seconds."""
+
+    interval: float = 15.0
+    non_streaming: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RequestConfig:
+    """Request body limit in bytes."""
+
+    max_body: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Where Prometheus scrapes, on the admin port."""
+
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration; `Config()` is the documented default."""
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    request: RequestConfig = field(default_factory=RequestConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    shutdown_grace: float = 30.0
+
+
+class ConfigError(Exception):
+    """A config that cannot be used, with every reason at once.
+
+    `problems` holds one line per problem ("yaml.path: what is wrong (got X)")
+    so the CLI and the reload logger can print them as they are.
+    """
+
+    problems: list[str]
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+# --- Durations and sizes ----------------------------------------------------
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}  # "ms" divides instead, see below
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?", re.IGNORECASE)
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]i?b|b)?", re.IGNORECASE)
+
+_DURATION_FORMS = "a number of seconds or a string such as 250ms, 30s, 5m or 1h"
+_SIZE_FORMS = "a number of bytes or a string such as 512KiB or 64MiB"
+
+
+def parse_duration(value: object) -> float:
+    """Return a duration in seconds from a number of seconds or a string such
+    as "250ms", "30s", "5m", "1h" (a bare number string means seconds).
+
+    Bools are refused although Python treats them as ints: `timeout: yes` is a
+    mistake, not one second.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"a duration must be {_DURATION_FORMS}, not a boolean")
+    if isinstance(value, int | float):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            raise ValueError("a duration must be finite") from None
+    elif isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration; use {_DURATION_FORMS}")
+        number, unit = match.groups()
+        if unit is None:
+            seconds = float(number)
+        elif unit.lower() == "ms":
+            seconds = float(number) / 1000  # division keeps "250ms" exactly 0.25
+        else:
+            seconds = float(number) * _DURATION_UNITS[unit.lower()]
+    else:
+        raise ValueError(f"a duration must be {_DURATION_FORMS}, not {_kind(value)}")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be finite")
+    if seconds < 0:
+        raise ValueError("a duration must not be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Return a size in bytes from a number of bytes or a string such as
+    "512KiB", "64MiB", "1GiB", "500KB" (units are case-insensitive; KB/MB/GB
+    are powers of 1000, KiB/MiB/GiB powers of 1024).
+
+    Fractional strings ("1.5GiB") are rounded to the nearest byte; a bare
+    fractional number is refused because a byte count is whole.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"a size must be {_SIZE_FORMS}, not a boolean")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"{value!r} is not a size; use {_SIZE_FORMS}")
+        number, unit = match.groups()
+        size = round(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+    else:
+        raise ValueError(f"a size must be {_SIZE_FORMS}, not {_kind(value)}")
+    if size < 0:
+        raise ValueError("a size must not be negative")
+    return size
+
+
+# --- Validation -------------------------------------------------------------
+#
+# A check takes (value, yaml path, problems), returns the converted value and
+# appends a line to `problems` for each thing wrong. Its return value is only
+# used when `problems` stays empty, so a failing check may return anything.
+
+_Check = Callable[[object, str, list[str]], Any]
+
+
+class _Invalid(Exception):
+    """Raised by a converter with the requirement the value failed."""
+
+
+def _kind(value: object) -> str:
+    """Name a YAML value's type the way YAML users would."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__
+
+
+def _show(value: object) -> str:
+    """Render the offending value for a "(got X)" suffix, in YAML spelling.
+
+    Containers are named by type: dumping a whole section into one line would
+    bury the message.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 80 else text[:76] + '..."'
+    if isinstance(value, int | float):
+        return str(value)
+    return _kind(value)
+
+
+def _join(path: str, key: object) -> str:
+    name = key if isinstance(key, str) and key else _show(key)
+    return f"{path}.{name}" if path else name
+
+
+def _scalar(convert: Callable[[object], Any]) -> _Check:
+    """Turn a converter that raises `_Invalid(requirement)` into a check."""
+
+    def check(value: object, path: str, problems: list[str]) -> Any:
+        try:
+            return convert(value)
+        except _Invalid as err:
+            problems.append(f"{path}: {err} (got {_show(value)})")
+            return None
+
+    return check
+
+
+def _integer(minimum: int, maximum: int | None = None) -> _Check:
+    requirement = (
+        f"must be an integer >= {minimum}"
+        if maximum is None
+        else f"must be an integer from {minimum} to {maximum}"
+    )
+
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(requirement)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise _Invalid(requirement)
+        return value
+
+    return _scalar(convert)
+
+
+def _duration(*, allow_zero: bool) -> _Check:
+    requirement = (
+        "must be a duration >= 0, such as 0, 30s or 2m"
+        if allow_zero
+        else "must be a duration > 0, such as 250ms, 30s, 5m or 1h"
+    )
+
+    def convert(value: object) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise _Invalid(requirement) from None
+        if seconds == 0 and not allow_zero:
+            raise _Invalid(requirement)
+        return seconds
+
+    return _scalar(convert)
+
+
+def _to_size(value: object) -> int:
+    requirement = "must be a size >= 1 byte, such as 1048576, 512KiB or 64MiB"
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise _Invalid(requirement) from None
+    if size < 1:
+        raise _Invalid(requirement)
+    return size
+
+
+def _to_host(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("must be a non-empty string")
+    return value
+
+
+def _to_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _to_url(value: object) -> str:
+    """Accept an http(s) base URL, optionally with a path prefix (Ollama behind
+    another proxy), and drop one trailing slash so callers can append paths."""
+    requirement = "must be an http:// or https:// URL with a host, such as http://127.0.0.1:11434"
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise _Invalid(requirement)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- evaluated only to reject a malformed port
+    except ValueError:
+        raise _Invalid(requirement) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _Invalid(requirement)
+    if "?" in value or "#" in value:
+        raise _Invalid("must not have a query or fragment")
+    return value.removesuffix("/")
+
+
+def _to_metrics_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Invalid('must be a path starting with "/"')
+    if value.startswith("/-/"):
+        raise _Invalid('must not be under "/-/", which holds the proxy\'s own endpoints')
+    return value
+
+
+def _check_models(value: object, path: str, problems: list[str]) -> Mapping[str, int]:
+    """Per-model caps: each name checked on its own line so every bad entry shows."""
+    if value is None:
+        return _no_models()
+    if not isinstance(value, dict):
+        problems.append(f"{path}: must be a mapping of model name to cap (got {_show(value)})")
+        return _no_models()
+    cap = _integer(1)
+    models: dict[str, int] = {}
+    for name, limit in value.items():
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{path}: model names must be non-empty strings (got {_show(name)})")
+            continue
+        models[name] = cap(limit, _join(path, name), problems)
+    return MappingProxyType(models)
+
+
+def _unknown_key(path: str, key: object, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(valid)}"
+    return f"{_join(path, key)}: unknown key ({hint})"
+
+
+def _section(cls: type, checks: dict[str, _Check]) -> _Check:
+    """A check for a mapping whose keys are exactly `checks`; missing keys keep
+    the dataclass default. An empty section (`limits:` with everything
+    commented out) reads as null and means all defaults."""
+
+    def check(value: object, path: str, problems: list[str]) -> Any:
+        if value is None:
+            return cls()
+        if not isinstance(value, dict):
+            problems.append(f"{path}: must be a mapping (got {_show(value)})")
+            return None
+        fields = {}
+        for key, item in value.items():
+            key_check = checks.get(key) if isinstance(key, str) else None
+            if key_check is None:
+                problems.append(_unknown_key(path, key, list(checks)))
+            else:
+                fields[key] = key_check(item, _join(path, key), problems)
+        return cls(**fields)
+
+    return check
+
+
+_port = _integer(0, 65535)
+_host = _scalar(_to_host)
+
+_CONFIG = _section(
+    Config,
+    {
+        "listen": _section(ListenConfig, {"host": _host, "port": _port}),
+        "admin": _section(AdminConfig, {"host": _host, "port": _port}),
+        "upstream": _section(UpstreamConfig, {"url": _scalar(_to_url)}),
+        "limits": _section(
+            LimitsConfig,
+            {
+                "max_concurrent": _integer(1),
+                "max_queue": _integer(0),
+                "queue_timeout": _duration(allow_zero=False),
+                "models": _check_models,
+            },
+        ),
+        "timeouts": _section(
+            TimeoutsConfig,
+            {"connect": _duration(allow_zero=False), "read": _duration(allow_zero=False)},
+        ),
+        "heartbeat": _section(
+            HeartbeatConfig,
+            {"interval": _duration(allow_zero=False), "non_streaming": _scalar(_to_bool)},
+        ),
+        "request": _section(RequestConfig, {"max_body": _scalar(_to_size)}),
+        "metrics": _section(MetricsConfig, {"path": _scalar(_to_metrics_path)}),
+        "shutdown_grace": _duration(allow_zero=True),
+    },
+)
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+def _same_socket(config: Config) -> bool:
+    """Whether admin would bind where listen does. A wildcard host overlaps
+    every host on that port, and binding there would fail anyway."""
+    listen, admin = config.listen, config.admin
+    if listen is None or admin is None or None in (listen.host, listen.port, admin.host, admin.port):
+        return False  # something here is invalid and already reported
+    if admin.port == 0 or admin.port != listen.port:
+        return False
+    hosts = {listen.host, admin.host}
+    return len(hosts) == 1 or bool(hosts & _WILDCARD_HOSTS)
+
+
+def config_from_dict(data: object, source: str = "config") -> Config:
+    """Validate parsed YAML into a `Config`, raising one `ConfigError` that
+    lists every problem. `source` names the whole document (usually the file)
+    in the one problem that has no YAML path: a top level that is not a mapping.
+    """
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError([f"{source}: must be a mapping (got {_show(data)})"])
+    problems: list[str] = []
+    config: Config = _CONFIG(data, "", problems)
+    if _same_socket(config):
+        problems.append(
+            f"admin.port: must differ from listen.port on the same host (got {config.admin.port})"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# --- Reading the file -------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: plain YAML keeps the last one
+    silently, so a second `limits:` block would quietly discard the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` may legitimately repeat keys it overrides
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # unhashable key: SafeLoader reports it below
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {_show(key)} (first at line {first.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line for a YAML failure: PyYAML's own message spans several lines
+    and quotes the source, which would break the one-line-per-problem output."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        if mark is not None:
+            reason = err.problem or err.context
+            return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {reason}"
+    return "invalid YAML: " + " ".join(str(err).split())
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Every failure, including a missing or
+    unreadable file, is a `ConfigError` with a line the CLI can print as is, so
+    an operator never sees a traceback for a config mistake."""
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{name}: no such file; create it or pass --config PATH"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{name}: is a directory, not a config file"]) from None
+    except OSError as err:
+        raise ConfigError([f"{name}: cannot read: {err.strerror or err}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError([f"{name}: not UTF-8 text (bad byte on line {line})"]) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. a date like 2024-13-45
+        raise ConfigError([f"{name}: {_yaml_problem(err)}"]) from None
+    return config_from_dict(data, source=name)
+
+
+# --- Summary ----------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """Spell a duration the way it would be written in config.yaml."""
+
+    def number(x: float) -> str:
+        return f"{x:.3f}".rstrip("0").rstrip(".")
+
+    if seconds and seconds % 3600 == 0:
+        return f"{number(seconds / 3600)}h"
+    if seconds and seconds % 60 == 0:
+        return f"{number(seconds / 60)}m"
+    if seconds == 0 or seconds >= 1:
+        return f"{number(seconds)}s"
+    return f"{number(seconds * 1000)}ms"
+
+
+_SIZE_DISPLAY = (
+    ("GiB", 1024**3),
+    ("MiB", 1024**2),
+    ("KiB", 1024),
+    ("GB", 1000**3),
+    ("MB", 1000**2),
+    ("KB", 1000),
+)
+
+
+def format_size(size: int) -> str:
+    """The largest unit that divides the size exactly, so nothing is rounded away."""
+    for unit, factor in _SIZE_DISPLAY:
+        if size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} B"
+
+
+def _format_address(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}" if port else f"{shown}:0 (any free port)"
+
+
+def summary(config: Config) -> str:
+    """The effective limits, one per line and labelled by YAML path, so what
+    `check-config` prints can be matched against the file at a glance."""
+    limits = config.limits
+    queue = f"{limits.max_queue} waiting, then 503" if limits.max_queue else "0 (503 when all slots are busy)"
+    non_streaming = "true" if config.heartbeat.non_streaming else "false (streaming requests only)"
+    admin = _format_address(config.admin.host, config.admin.port)
+    rows = [
+        ("listen", _format_address(config.listen.host, config.listen.port)),
+        ("admin", f"{admin}  ({config.metrics.path} and /-/*)"),
+        ("upstream.url", config.upstream.url),
+        ("limits.max_concurrent", f"{limits.max_concurrent} generation requests at once"),
+        ("limits.max_queue", queue),
+        ("limits.queue_timeout", format_duration(limits.queue_timeout)),
+    ]
+    if limits.models:
+        rows += [(f"limits.models.{name}", f"{cap} at once") for name, cap in limits.models.items()]
+    else:
+        rows.append(("limits.models", "none (only the global limit)"))
+    rows += [
+        ("timeouts.connect", format_duration(config.timeouts.connect)),
+        ("timeouts.read", format_duration(config.timeouts.read)),
+        ("heartbeat.interval", format_duration(config.heartbeat.interval)),
+        ("heartbeat.non_streaming", non_streaming),
+        ("request.max_body", format_size(config.request.max_body)),
+        ("metrics.path", config.metrics.path),
+        ("shutdown_grace", format_duration(config.shutdown_grace)),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -1,0 +1,109 @@
+"""Failures the proxy answers itself, and the one place they become a response.
+
+Every stage raises a `ProxyError`; only `error_response` (before headers) and
+`frames.inband_error` (after a keep-alive 200) turn one into bytes, so a client
+always gets the same shape for the same failure whichever stage noticed it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """A failure with a status, a metrics reason and a message meant for people."""
+
+    status: int = 500
+    #: Label for `ollama_proxy_rejected_total{reason}` and the OpenAI `code` field.
+    reason: ClassVar[str] = "internal"
+    #: OpenAI's error `type`: 4xx are the caller's fault, 5xx ours or upstream's.
+    openai_type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    status = 400
+    reason = "bad_request"
+    openai_type = "invalid_request_error"
+
+
+class TooLarge(ProxyError):
+    status = 413
+    reason = "too_large"
+    openai_type = "invalid_request_error"
+
+
+class QueueFull(ProxyError):
+    status = 503
+    reason = "queue_full"
+
+
+class QueueTimeout(ProxyError):
+    status = 503
+    reason = "queue_timeout"
+
+
+class UpstreamError(ProxyError):
+    """Upstream failed; `kind` labels `ollama_proxy_upstream_errors_total`."""
+
+    kind: ClassVar[str] = "reset"
+    reason = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    status = 502
+    kind = "connect"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    kind = "timeout"
+
+
+class UpstreamReset(UpstreamError):
+    status = 502
+    kind = "reset"
+
+
+class UpstreamStatus(UpstreamError):
+    """Upstream answered an error status after a keep-alive 200 had already gone out.
+
+    Before that point upstream's status is relayed as it is; this exists only so
+    the status can still be reported in-band.
+    """
+
+    kind = "status"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_body(err: ProxyError, *, openai: bool) -> bytes:
+    """Ollama's `{"error": "..."}`, or OpenAI's nested shape on `/v1/*`."""
+    if openai:
+        payload: object = {
+            "error": {"message": err.message, "type": err.openai_type, "code": err.reason}
+        }
+    else:
+        payload = {"error": err.message}
+    return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def error_response(err: ProxyError, *, openai: bool) -> web.Response:
+    """The whole response for a failure noticed before any header was sent."""
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return web.Response(
+        status=err.status,
+        body=error_body(err, openai=openai),
+        content_type="application/json",
+        charset="utf-8",
+        headers=headers,
+    )

@@ -1,0 +1,149 @@
+"""The upstream call and the byte relay: the only code that talks to Ollama.
+
+Headers are cleaned here in one place (hop-by-hop out, X-Forwarded-For in),
+bytes are copied as they arrive (no line splitting, no re-encoding), and the
+upstream response is *closed* on every path that did not read it to the end,
+so an abandoned generation takes its socket, and Ollama's work, with it.
+"""
+
+from __future__ import annotations
+
+import json
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .errors import UpstreamReset, UpstreamStatus, UpstreamTimeout, UpstreamUnreachable
+from .reply import Reply
+
+#: RFC 9110 section 7.6.1, plus the legacy ones Go's reverse proxy also strips.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+#: Recomputed by the client library for the body we send, or meaningless once
+#: we have read the body ourselves (Expect: 100-continue was answered by us).
+_REQUEST_ONLY = frozenset({"host", "content-length", "expect"})
+#: An upstream error body is read this far to quote it in an in-band error.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _strip_hop_by_hop(
+    headers: CIMultiDictProxy[str], also: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """Drop hop-by-hop headers, including any the Connection header names."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    drop = HOP_BY_HOP | named | also
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def upstream_headers(request: web.Request) -> CIMultiDict[str]:
+    """The client's headers as upstream should see them.
+
+    Host is the upstream's own (Ollama refuses foreign Host headers on a
+    loopback bind), and X-Forwarded-For gains the client's address.
+    """
+    headers = _strip_hop_by_hop(request.headers, _REQUEST_ONLY)
+    prior = ", ".join(headers.popall("X-Forwarded-For", []))
+    client = request.remote or "unknown"
+    headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
+    return headers
+
+
+def downstream_headers(response: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    return _strip_hop_by_hop(response.headers)
+
+
+async def relay(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    request: web.Request,
+    body: bytes,
+    reply: Reply,
+    timeout: aiohttp.ClientTimeout,
+) -> int:
+    """Send the request upstream and copy the answer to `reply`; return upstream's status.
+
+    Raises an `UpstreamError` for upstream failures. A client that vanishes
+    surfaces here as cancellation or a write error, and the `finally` closes
+    the upstream connection in both cases.
+    """
+    try:
+        upstream = await session.request(
+            request.method,
+            base_url + request.raw_path,
+            headers=upstream_headers(request),
+            data=body if body else None,
+            allow_redirects=False,
+            timeout=timeout,
+        )
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        raise UpstreamUnreachable(
+            f"cannot reach upstream {base_url}: {_describe(exc)}; is Ollama running there? (upstream.url)"
+        ) from None
+    except aiohttp.ServerTimeoutError:
+        raise _silent(timeout) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamReset(f"upstream {base_url} closed the connection: {_describe(exc)}") from None
+
+    complete = False
+    try:
+        if not await reply.start(upstream.status, downstream_headers(upstream)):
+            # A keep-alive 200 is already out; an error status can only go in-band.
+            if upstream.status >= 400:
+                raise UpstreamStatus(upstream.status, await _error_message(upstream))
+        async for chunk in upstream.content.iter_any():
+            await reply.write(chunk)
+        complete = True
+        return upstream.status
+    except aiohttp.ServerTimeoutError:
+        raise _silent(timeout) from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+        raise UpstreamReset(f"upstream broke off the response: {_describe(exc)}") from None
+    finally:
+        if complete:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+def _silent(timeout: aiohttp.ClientTimeout) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"upstream sent nothing for {timeout.sock_read:g}s (timeouts.read); "
+        "the model may be stuck or the timeout too short for it"
+    )
+
+
+async def _error_message(upstream: aiohttp.ClientResponse) -> str:
+    """Upstream's own error text, so an in-band error says what Ollama said."""
+    raw = await upstream.content.read(_ERROR_BODY_LIMIT)
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):
+            error = error.get("message")
+        if isinstance(error, str):
+            text = error
+    return f"upstream answered {upstream.status}: {text or upstream.reason}"
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,140 @@
+"""The client's side of one proxied request: the only writer of its response.
+
+Two things write to a client: the relay (upstream's bytes) and the keep-alive
+beat (frames while nothing else flows). Both go through one `Reply`, which
+commits the response exactly once, serialises writes with a lock, and knows
+whether the bytes so far end on a line or event boundary, so a frame can never
+land inside upstream's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator, Callable, Mapping
+
+from aiohttp import web
+
+from . import frames
+from .errors import ProxyError, error_response
+from .frames import Wire
+
+
+class Reply:
+    """Commit once, write in order, keep alive while silent, fail in the right shape."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        *,
+        openai: bool,
+        wire: Wire | None = None,
+        model: str = "",
+        interval: float = 0.0,
+        on_frame: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._request = request
+        self._openai = openai
+        # No wire means no keep-alive: relayed-at-once requests never wait long.
+        self._wire = wire
+        self._model = model
+        self._interval = interval
+        self._on_frame = on_frame
+        self._lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._last_sent = self._loop.time()
+        self._tail = b""  # last bytes of upstream data, for boundary checks
+        self.response: web.StreamResponse | None = None
+        self.frames_sent = 0
+
+    @property
+    def started(self) -> bool:
+        """True once a status line is out; from then on failures go in-band."""
+        return self.response is not None
+
+    async def start(self, status: int, headers: Mapping[str, str]) -> bool:
+        """Send upstream's status and headers, unless a keep-alive 200 beat them to it."""
+        async with self._lock:
+            if self.response is not None:
+                return False
+            await self._prepare(web.StreamResponse(status=status, headers=headers))
+            return True
+
+    async def write(self, chunk: bytes) -> None:
+        async with self._lock:
+            assert self.response is not None, "start() before write()"
+            await self.response.write(chunk)
+            self._last_sent = self._loop.time()
+            self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]
+
+    async def finish(self) -> web.StreamResponse:
+        async with self._lock:
+            assert self.response is not None
+            await self.response.write_eof()
+            return self.response
+
+    async def fail(self, err: ProxyError) -> web.StreamResponse:
+        """Answer `err` as a status if nothing is out yet, else in-band and end.
+
+        If upstream's data stopped mid-line there is no valid place left for an
+        error, so the connection is cut: a client must not mistake a truncated
+        body for a complete one.
+        """
+        async with self._lock:
+            if self.response is None:
+                return error_response(err, openai=self._openai)
+            if self._wire is not None and frames.at_boundary(self._wire, self._tail):
+                await self.response.write(frames.inband_error(self._wire, err, openai=self._openai))
+                await self.response.write_eof()
+            elif self._request.transport is not None:
+                self._request.transport.close()
+            return self.response
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, note: Callable[[], str]) -> AsyncIterator[None]:
+        """Beat alongside the body of the `async with`; `note` says where we stand (SSE)."""
+        if self._wire is None or self._interval <= 0:
+            yield
+            return
+        beat = asyncio.create_task(self._beat(note))
+        try:
+            yield
+        finally:
+            beat.cancel()
+            # Wait for it so no frame can follow; asyncio.wait never swallows our own cancel.
+            await asyncio.wait((beat,))
+
+    async def _beat(self, note: Callable[[], str]) -> None:
+        assert self._wire is not None
+        interval = self._interval
+        while True:
+            delay = self._last_sent + interval - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            async with self._lock:
+                silent = self._loop.time() - self._last_sent >= interval
+                if silent and frames.at_boundary(self._wire, self._tail):
+                    await self._send_frame(note())
+                    continue
+            if silent:
+                # Upstream went quiet mid-line: no valid place for a frame yet.
+                await asyncio.sleep(interval)
+
+    async def _send_frame(self, note: str) -> None:
+        assert self._wire is not None
+        if self.response is None:
+            await self._prepare(
+                web.StreamResponse(status=200, headers={"Content-Type": self._wire.content_type})
+            )
+        assert self.response is not None
+        await self.response.write(frames.keepalive(self._wire, self._model, note))
+        self._last_sent = self._loop.time()
+        self.frames_sent += 1
+        self._on_frame()
+
+    async def _prepare(self, response: web.StreamResponse) -> None:
+        # Claimed before the await: if we are cancelled inside prepare(), the
+        # response still counts as started and nobody tries to start another.
+        self.response = response
+        await response.prepare(self._request)

@@ -1,0 +1,130 @@
+"""Admission end to end: the incident in miniature, per-model caps, full and slow queues."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from .conftest import eventually, sample, scrape
+
+
+async def generate(http: aiohttp.ClientSession, base: str, model: str = "llama3.2", **extra) -> tuple[int, bytes]:
+    body = {"model": model, "prompt": "why is the sky blue", **extra}
+    async with http.post(base + "/api/generate", json=body) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_ten_streams_through_three_slots_are_complete_and_identical(sim, make_proxy, http):
+    sim.tokens, sim.token_delay = 12, 0.02
+    direct_status, direct = await generate(http, sim.url)
+    assert direct_status == 200 and direct.count(b"\n") == 13
+    sim.reset_peak()
+    proxy = await make_proxy(limits={"max_concurrent": 3}, heartbeat={"interval": "10s"})
+
+    results = await asyncio.gather(*(generate(http, proxy.listen_url) for _ in range(10)))
+
+    assert sim.peak == 3
+    assert [status for status, _ in results] == [200] * 10
+    assert all(body == direct for _, body in results)
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_requests_total", endpoint="/api/generate", model="llama3.2:latest", code="200") == 10
+    assert sample(metrics, "ollama_proxy_queue_wait_seconds_count", model="llama3.2:latest") == 10
+    assert sample(metrics, "ollama_proxy_in_flight", model="llama3.2:latest") == 0
+    assert sample(metrics, "ollama_proxy_queue_depth", model="llama3.2:latest") == 0
+
+
+async def test_big_model_capped_at_one_while_small_flows_past(sim, make_proxy, http):
+    sim.tokens, sim.token_delay = 5, 0.05
+    proxy = await make_proxy(limits={"max_concurrent": 3, "models": {"big": 1}})
+    big_running = []
+
+    async def big() -> None:
+        status, _ = await generate(http, proxy.listen_url, model="big")
+        assert status == 200
+
+    bigs = [asyncio.create_task(big()) for _ in range(3)]
+    await sim.wait_until(lambda: sum(r.model == "big" and r.ended_at is None for r in sim.records) == 1)
+    # Two big requests wait behind the cap; small ones must not wait behind them.
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    smalls = await asyncio.gather(*(generate(http, proxy.listen_url, model="small") for _ in range(4)))
+    small_time = loop.time() - t0
+    assert [s for s, _ in smalls] == [200] * 4
+    # Each big takes ~0.25 s; smalls finished before the bigs could all have run.
+    assert not all(t.done() for t in bigs)
+    assert small_time < 0.75
+    await asyncio.gather(*bigs)
+    for record in sim.records:
+        if record.model == "big":
+            big_running.append((record.started_at, record.ended_at))
+    big_running.sort()
+    for (_, end), (start, _) in zip(big_running, big_running[1:]):
+        assert start >= end  # never two bigs at once
+
+
+async def test_full_queue_gets_503_with_retry_after_in_both_shapes(sim, make_proxy, http):
+    sim.load_delay = 30  # hold the single slot
+    proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 1}, heartbeat={"interval": "10s"})
+    holders = [asyncio.create_task(generate(http, proxy.listen_url)) for _ in range(2)]
+    await sim.wait_until(lambda: sim.active == 1)
+    await _until_depth(http, proxy, 1)
+
+    async with http.post(proxy.listen_url + "/api/chat", json={"model": "llama3.2"}) as resp:
+        assert resp.status == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+        assert error.startswith("queue full: 1 requests waiting, max_queue=1")
+    async with http.post(
+        proxy.listen_url + "/v1/chat/completions", json={"model": "llama3.2", "messages": []}
+    ) as resp:
+        assert resp.status == 503 and "Retry-After" in resp.headers
+        error = (await resp.json())["error"]
+        assert error["code"] == "queue_full" and error["type"] == "server_error"
+        assert "max_queue=1" in error["message"]
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_rejected_total", reason="queue_full") == 2
+    for task in holders:
+        task.cancel()
+    await asyncio.gather(*holders, return_exceptions=True)
+
+
+async def test_queue_timeout_is_503_before_any_keepalive(sim, make_proxy, http):
+    sim.load_delay = 30
+    proxy = await make_proxy(
+        limits={"max_concurrent": 1, "queue_timeout": "200ms"}, heartbeat={"interval": "10s"}
+    )
+    holder = asyncio.create_task(generate(http, proxy.listen_url))
+    await sim.wait_until(lambda: sim.active == 1)
+    async with http.post(proxy.listen_url + "/api/embed", json={"model": "llama3.2", "input": "x"}) as resp:
+        assert resp.status == 503
+        assert "Retry-After" in resp.headers
+        assert "limits.queue_timeout=200ms" in (await resp.json())["error"]
+    assert len(sim.records) == 1  # the timed-out request never reached upstream
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_rejected_total", reason="queue_timeout") == 1
+    assert sample(metrics, "ollama_proxy_queue_depth", model="llama3.2:latest") == 0
+    holder.cancel()
+    await asyncio.gather(holder, return_exceptions=True)
+
+
+async def test_non_generation_paths_never_wait_for_a_slot(sim, make_proxy, http):
+    sim.load_delay = 30
+    proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 0})
+    holder = asyncio.create_task(generate(http, proxy.listen_url))
+    await sim.wait_until(lambda: sim.active == 1)
+    for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models"):
+        async with http.get(proxy.listen_url + path) as resp:
+            assert resp.status == 200, path
+    async with http.post(proxy.listen_url + "/api/show", json={"model": "llama3.2"}) as resp:
+        assert resp.status == 200
+    holder.cancel()
+    await asyncio.gather(holder, return_exceptions=True)
+
+
+async def _until_depth(http, proxy, depth: int) -> None:
+    async def reached() -> bool:
+        return sample(await scrape(http, proxy), "ollama_proxy_queue_depth", model="llama3.2:latest") == depth
+
+    await eventually(reached)

@@ -42,6 +42,7 @@ class ModelLabels:
         self.configured = frozenset(configured)
         self._seen: set[str] = set()
         self._extra = extra
+        self._overflowed = False
 
     def __call__(self, model: str) -> str:
         if not model or model in self.configured or model in self._seen:
@@ -49,7 +50,12 @@ class ModelLabels:
         if len(self._seen) < self._extra:
             self._seen.add(model)
             return model
+        self._overflowed = True
         return "other"
+
+    def known(self) -> set[str]:
+        """Every label handed out so far."""
+        return self.configured | self._seen | ({"other"} if self._overflowed else set())
 
 
 class Metrics:
@@ -125,7 +131,9 @@ class _QueueCollector:
             (depth, self._queue.waiting_by_model()),
             (in_flight, self._queue.running_by_model()),
         ):
-            by_label = dict.fromkeys(self._label.configured, 0)
+            # Every model seen so far stays at 0 when idle rather than vanishing,
+            # so graphs and sums see it drop (the label set is bounded anyway).
+            by_label = dict.fromkeys(self._label.known(), 0)
             for model, n in counts.items():
                 label = self._label(model)
                 by_label[label] = by_label.get(label, 0) + n

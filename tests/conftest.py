@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -14,6 +19,7 @@ from proxy.app import Server
 from proxy.config import config_from_dict
 from proxy.simulator import Simulator
 
+REPO = Path(__file__).resolve().parent.parent
 MakeProxy = Callable[..., Awaitable[Server]]
 
 
@@ -28,6 +34,53 @@ def proxy_config(upstream: str, **sections: dict) -> dict:
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
+
+
+@dataclass
+class ProxyProcess:
+    proc: asyncio.subprocess.Process
+    listen: str
+    admin: str
+    log: list[str]  # stderr lines so far, drained continuously so the pipe never fills
+
+    async def log_line(self, pattern: str, timeout: float = 10.0) -> str:
+        """Wait for a log line matching `pattern` (the process's own event to await)."""
+        async def found() -> bool:
+            return any(re.search(pattern, line) for line in self.log)
+
+        await eventually(found, timeout)
+        return next(line for line in self.log if re.search(pattern, line))
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(config: Path) -> AsyncIterator[ProxyProcess]:
+    """`python -m proxy` as its own process, where the process itself is under
+    test: its sockets, fds, signals, logs and exit code."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    log: list[str] = []
+
+    async def drain() -> None:
+        async for line in stderr:
+            log.append(line.decode(errors="replace"))
+
+    reader = asyncio.create_task(drain())
+    try:
+        started = ProxyProcess(proc, "", "", log)
+        line = await started.log_line(r"serving on", timeout=20)
+        match = re.search(r"serving on (\S+) \(admin (http://[^/]+)", line)
+        assert match, line
+        started.listen, started.admin = match.group(1), match.group(2)
+        yield started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await reader
 
 
 @pytest.fixture

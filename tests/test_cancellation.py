@@ -6,13 +6,12 @@ import asyncio
 import json
 import random
 import re
-import sys
 
 import aiohttp
 import psutil
 import pytest
 
-from .conftest import eventually, sample, scrape
+from .conftest import eventually, proxy_config, running_proxy, sample, scrape
 
 REQUEST = {"model": "llama3.2", "prompt": "tell me a long story"}
 
@@ -108,32 +107,16 @@ async def test_client_gone_mid_upload_holds_nothing(sim, make_proxy):
 
 @pytest.fixture
 async def proxy_process(sim, tmp_path):
-    """The proxy as its own process, so its sockets and fds can be counted alone."""
     config = tmp_path / "config.yaml"
     config.write_text(
         json.dumps(
-            {
-                "listen": {"port": 0},
-                "admin": {"port": 0},
-                "upstream": {"url": sim.url},
-                "limits": {"max_concurrent": 3, "max_queue": 200},
-                "heartbeat": {"interval": "100ms"},
-            }
+            proxy_config(
+                sim.url, limits={"max_concurrent": 3, "max_queue": 200}, heartbeat={"interval": "100ms"}
+            )
         )
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        line = await asyncio.wait_for(proc.stderr.readline(), 20)
-        match = re.search(rb"serving on (\S+) \(admin (http://[^/]+)", line)
-        assert match, line
-        yield proc, match.group(1).decode(), match.group(2).decode()
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), 20)
+    async with running_proxy(config) as started:
+        yield started
 
 
 def _sockets(pid: int) -> list:
@@ -141,7 +124,7 @@ def _sockets(pid: int) -> list:
 
 
 async def test_hundred_random_aborts_leave_no_close_wait_and_no_leaked_fd(sim, proxy_process, http):
-    proc, listen, admin = proxy_process
+    proc, listen, admin = proxy_process.proc, proxy_process.listen, proxy_process.admin
     sim.tokens, sim.token_delay = 10, 0.02
     upstream_port = int(sim.url.rsplit(":", 1)[1])
     idle_fds = psutil.Process(proc.pid).num_fds()

@@ -105,20 +105,30 @@ async def relay(
         if not await reply.start(upstream.status, downstream_headers(upstream)):
             # A keep-alive 200 is already out; an error status can only go in-band.
             if upstream.status >= 400:
-                raise UpstreamStatus(upstream.status, await _error_message(upstream))
-        async for chunk in upstream.content.iter_any():
+                raise UpstreamStatus(upstream.status, await _error_message(upstream, timeout))
+        while chunk := await _read(upstream, timeout):
             await reply.write(chunk)
         complete = True
         return upstream.status
-    except aiohttp.ServerTimeoutError:
-        raise _silent(timeout) from None
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-        raise UpstreamReset(f"upstream broke off the response: {_describe(exc)}") from None
     finally:
         if complete:
             upstream.release()
         else:
             upstream.close()
+
+
+async def _read(upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout) -> bytes:
+    """The next bytes upstream has, as they come; b"" at the end.
+
+    Kept apart from the write to the client so that an upstream failure and a
+    client that has gone away can never be mistaken for each other.
+    """
+    try:
+        return await upstream.content.readany()
+    except aiohttp.ServerTimeoutError:
+        raise _silent(timeout) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamReset(f"upstream broke off the response: {_describe(exc)}") from None
 
 
 def _silent(timeout: aiohttp.ClientTimeout) -> UpstreamTimeout:
@@ -128,10 +138,12 @@ def _silent(timeout: aiohttp.ClientTimeout) -> UpstreamTimeout:
     )
 
 
-async def _error_message(upstream: aiohttp.ClientResponse) -> str:
+async def _error_message(upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout) -> str:
     """Upstream's own error text, so an in-band error says what Ollama said."""
-    raw = await upstream.content.read(_ERROR_BODY_LIMIT)
-    text = raw.decode("utf-8", "replace").strip()
+    raw = b""
+    while len(raw) < _ERROR_BODY_LIMIT and (chunk := await _read(upstream, timeout)):
+        raw += chunk
+    text = raw[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
     except ValueError:

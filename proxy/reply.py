@@ -45,7 +45,6 @@ class Reply:
         self._last_sent = self._loop.time()
         self._tail = b""  # last bytes of upstream data, for boundary checks
         self.response: web.StreamResponse | None = None
-        self.frames_sent = 0
 
     @property
     def started(self) -> bool:
@@ -57,6 +56,10 @@ class Reply:
         async with self._lock:
             if self.response is not None:
                 return False
+            if status >= 300 or "Content-Length" in headers:
+                # Upstream frames this body itself: a frame or an in-band error
+                # added to it would corrupt it. A failure now can only cut it off.
+                self._wire = None
             await self._prepare(web.StreamResponse(status=status, headers=headers))
             return True
 
@@ -105,32 +108,32 @@ class Reply:
             await asyncio.wait((beat,))
 
     async def _beat(self, note: Callable[[], str]) -> None:
-        assert self._wire is not None
         interval = self._interval
-        while True:
+        while self._wire is not None:
             delay = self._last_sent + interval - self._loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
             async with self._lock:
+                wire = self._wire
+                if wire is None:
+                    return  # upstream's own framing took over
                 silent = self._loop.time() - self._last_sent >= interval
-                if silent and frames.at_boundary(self._wire, self._tail):
-                    await self._send_frame(note())
+                if silent and frames.at_boundary(wire, self._tail):
+                    await self._send_frame(wire, note())
                     continue
             if silent:
                 # Upstream went quiet mid-line: no valid place for a frame yet.
                 await asyncio.sleep(interval)
 
-    async def _send_frame(self, note: str) -> None:
-        assert self._wire is not None
+    async def _send_frame(self, wire: Wire, note: str) -> None:
         if self.response is None:
             await self._prepare(
-                web.StreamResponse(status=200, headers={"Content-Type": self._wire.content_type})
+                web.StreamResponse(status=200, headers={"Content-Type": wire.content_type})
             )
         assert self.response is not None
-        await self.response.write(frames.keepalive(self._wire, self._model, note))
+        await self.response.write(frames.keepalive(wire, self._model, note))
         self._last_sent = self._loop.time()
-        self.frames_sent += 1
         self._on_frame()
 
     async def _prepare(self, response: web.StreamResponse) -> None:

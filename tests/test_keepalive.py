@@ -141,6 +141,16 @@ async def test_admitted_request_is_kept_alive_while_upstream_loads(sim, make_pro
     assert re.match(rb"(: running, waiting for upstream\n\n){3,}data: ", data)
 
 
+async def serve_upstream(handler) -> web.AppRunner:
+    """A hand-written upstream for timings the simulator does not offer."""
+    app = web.Application()
+    app.router.add_post("/api/generate", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
 async def test_frames_mid_stream_go_only_between_lines(make_proxy, http):
     """An upstream that pauses mid-line and between lines: frames only at the latter."""
 
@@ -154,15 +164,9 @@ async def test_frames_mid_stream_go_only_between_lines(make_proxy, http):
         await resp.write(b'{"model":"llama3.2","created_at":"2024-01-01T00:00:00Z","response":"","done":true}\n')
         return resp
 
-    app = web.Application()
-    app.router.add_post("/api/generate", stalling)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    upstream = "http://127.0.0.1:%d" % runner.addresses[0][1]
+    runner = await serve_upstream(stalling)
     try:
-        proxy = await make_proxy(upstream=upstream, heartbeat={"interval": "100ms"})
+        proxy = await make_proxy(upstream="http://127.0.0.1:%d" % runner.addresses[0][1], heartbeat={"interval": "100ms"})
         async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
             data = await resp.read()
     finally:
@@ -173,6 +177,28 @@ async def test_frames_mid_stream_go_only_between_lines(make_proxy, http):
     middle = lines[1:-1]
     assert len(middle) >= 3 and all(GENERATE_FRAME.fullmatch(f) for f in middle)
     assert json.loads(lines[-1])["done"] is True
+
+
+async def test_no_frame_is_added_to_a_body_upstream_sized_itself(make_proxy, http):
+    """With Content-Length, upstream owns the framing: pauses get no frames."""
+    body = b'{"model":"llama3.2","response":"whole","done":true}\n'
+
+    async def sized(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        resp.content_length = len(body)
+        await resp.prepare(request)  # headers go out now...
+        await asyncio.sleep(0.4)  # ...then a silence that would earn frames
+        await resp.write(body)
+        return resp
+
+    runner = await serve_upstream(sized)
+    try:
+        proxy = await make_proxy(upstream="http://127.0.0.1:%d" % runner.addresses[0][1], heartbeat={"interval": "100ms"})
+        async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
+            assert await resp.read() == body
+            assert resp.headers["Content-Length"] == str(len(body))
+    finally:
+        await runner.cleanup()
 
 
 # -- in-band errors after a keep-alive 200 -------------------------------------

@@ -13,7 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
+from .app import Server
 from .config import Config, ConfigError, load_config, summary
+from .demo import run_demo
 
 PROG = "ollama-queue-proxy"
 log = logging.getLogger("proxy")
@@ -38,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.path)
     if args.command == "demo":
-        from .demo import run_demo
-
         return run_demo()
     return serve(args.config)
 
@@ -76,8 +76,6 @@ def serve(path: str) -> int:
 
 async def _serve(config: Config, path: Path) -> None:
     """Run until SIGTERM or SIGINT, reloading on SIGHUP, then drain."""
-    from .app import Server
-
     server = Server(config, path)
     await server.start()
     loop = asyncio.get_running_loop()

@@ -104,6 +104,6 @@ def error_response(err: ProxyError, *, openai: bool) -> web.Response:
         status=err.status,
         body=error_body(err, openai=openai),
         content_type="application/json",
-        charset="utf-8",
+        charset=None if openai else "utf-8",  # as Ollama's OpenAI layer and native API do
         headers=headers,
     )

@@ -22,18 +22,21 @@ class Wire(enum.Enum):
     SSE = "sse"  # /v1/*, streaming: server-sent events
     JSON = "json"  # any non-streaming request
 
-    @property
-    def content_type(self) -> str:
-        """What upstream would send, so a keep-alive 200 looks like upstream's own."""
-        return _CONTENT_TYPES[self]
+
+def content_type(wire: Wire, *, openai: bool) -> str:
+    """What upstream would send, so a keep-alive 200 looks like upstream's own.
+
+    Ollama's native handlers answer JSON with a charset, its OpenAI layer without.
+    """
+    if wire is Wire.SSE:
+        return "text/event-stream"
+    if wire is Wire.JSON:
+        return JSON_OPENAI if openai else JSON_NATIVE
+    return "application/x-ndjson"
 
 
-_CONTENT_TYPES = {
-    Wire.GENERATE: "application/x-ndjson",
-    Wire.CHAT: "application/x-ndjson",
-    Wire.SSE: "text/event-stream",
-    Wire.JSON: "application/json; charset=utf-8",
-}
+JSON_NATIVE = "application/json; charset=utf-8"
+JSON_OPENAI = "application/json"
 
 
 def _dumps(payload: object) -> bytes:

@@ -12,6 +12,7 @@ import json
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .errors import UpstreamReset, UpstreamStatus, UpstreamTimeout, UpstreamUnreachable
 from .reply import Reply
@@ -85,7 +86,9 @@ async def relay(
     try:
         upstream = await session.request(
             request.method,
-            base_url + request.raw_path,
+            # As sent: a URL built from a string would resolve "/x/../y" and
+            # re-escape, so upstream could run a path we never classified.
+            URL(base_url + request.raw_path, encoded=True),
             headers=upstream_headers(request),
             data=body if body else None,
             allow_redirects=False,

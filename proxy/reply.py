@@ -87,8 +87,9 @@ class Reply:
             if self.response is None:
                 return error_response(err, openai=self._openai)
             if self._wire is not None and frames.at_boundary(self._wire, self._tail):
-                await self.response.write(frames.inband_error(self._wire, err, openai=self._openai))
-                await self.response.write_eof()
+                with contextlib.suppress(ConnectionResetError):  # the client left too
+                    await self.response.write(frames.inband_error(self._wire, err, openai=self._openai))
+                    await self.response.write_eof()
             elif self._request.transport is not None:
                 self._request.transport.close()
             return self.response
@@ -129,7 +130,9 @@ class Reply:
     async def _send_frame(self, wire: Wire, note: str) -> None:
         if self.response is None:
             await self._prepare(
-                web.StreamResponse(status=200, headers={"Content-Type": wire.content_type})
+                web.StreamResponse(
+                    status=200, headers={"Content-Type": frames.content_type(wire, openai=self._openai)}
+                )
             )
         assert self.response is not None
         await self.response.write(frames.keepalive(wire, self._model, note))

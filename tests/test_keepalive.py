@@ -111,7 +111,7 @@ async def test_sse_frames_are_comments_with_the_queue_position(sim, make_proxy, 
 async def test_non_streaming_frames_are_leading_newlines(sim, make_proxy, http):
     body = {"model": "llama3.2", "prompt": "p", "stream": False}
     resp, data, direct = await _frames_then_result(sim, make_proxy, http, "/api/generate", body)
-    assert resp.status == 200 and resp.content_type == "application/json"
+    assert resp.status == 200 and resp.headers["Content-Type"] == "application/json; charset=utf-8"
     assert re.fullmatch(rb"\n{3,}", data[: len(data) - len(direct)])
     assert data.endswith(direct)
     assert json.loads(data) == json.loads(direct)
@@ -244,6 +244,7 @@ async def test_non_streaming_failure_after_keepalive_is_a_json_error_body(sim, m
         data = await resp.read()
     await release(holder)
     assert resp.status == 200 and data.startswith(b"\n")
+    assert resp.headers["Content-Type"] == "application/json"  # as Ollama's OpenAI layer sends it
     error = json.loads(data)["error"]
     assert error["code"] == "queue_timeout" and "queue_timeout" in error["message"]
 

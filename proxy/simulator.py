@@ -41,16 +41,6 @@ __all__ = ["FAULTS", "GenRecord", "Simulator", "main"]
 #: Accepted values of :attr:`Simulator.fault` besides ``None``.
 FAULTS = frozenset({"die", "hang_headers", "hang_body", "status"})
 
-GENERATION_PATHS = (
-    "/api/generate",
-    "/api/chat",
-    "/api/embed",
-    "/api/embeddings",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-)
 
 # Fixed timestamps: a real clock would make responses differ between two identical requests.
 CREATED_AT = "2024-01-01T00:00:00.000000Z"
@@ -278,7 +268,7 @@ class Simulator:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 picks a free port) and return the base URL."""
         app = web.Application(client_max_size=1 << 30)  # Ollama takes large bodies (images)
-        for path in GENERATION_PATHS:
+        for path in _RENDERERS:
             app.router.add_post(path, self._generation)
         app.router.add_get("/", self._root)  # add_get also answers HEAD
         app.router.add_get("/api/version", self._version)

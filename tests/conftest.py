@@ -148,3 +148,23 @@ async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout: f
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.005)
+
+
+async def hold_the_slot(sim, http, proxy) -> asyncio.Task:
+    """Occupy the only slot with a request upstream sits on, until cancelled."""
+
+    async def hold() -> None:
+        body = {"model": "llama3.2", "prompt": "hold"}
+        async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
+            await resp.read()  # a keep-alive 200 may come first: keep reading
+
+    sim.load_delay = 60
+    task = asyncio.create_task(hold())
+    await sim.wait_until(lambda: sim.active == 1)
+    sim.load_delay = 0
+    return task
+
+
+async def release(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -10,6 +10,8 @@ import re
 import aiohttp
 from aiohttp import web
 
+from .conftest import hold_the_slot, release
+
 T = rb'"created_at":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"'
 GENERATE_FRAME = re.compile(rb'\{"model":"llama3\.2",' + T + rb',"response":"","done":false\}\n')
 CHAT_FRAME = re.compile(
@@ -20,26 +22,6 @@ CHAT_FRAME = re.compile(
 async def timed_chunks(resp: aiohttp.ClientResponse) -> list[tuple[float, bytes]]:
     loop = asyncio.get_running_loop()
     return [(loop.time(), chunk) async for chunk in resp.content.iter_any()]
-
-
-async def hold_the_slot(sim, http, proxy) -> asyncio.Task:
-    """Occupy the only slot with a request upstream sits on, until cancelled."""
-
-    async def hold() -> None:
-        body = {"model": "llama3.2", "prompt": "hold"}
-        async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
-            await resp.read()  # a keep-alive 200 may come first: keep reading
-
-    sim.load_delay = 60
-    task = asyncio.create_task(hold())
-    await sim.wait_until(lambda: sim.active == 1)
-    sim.load_delay = 0
-    return task
-
-
-async def release(task: asyncio.Task) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_queued_client_never_sees_more_than_the_interval_of_silence(sim, make_proxy, http):

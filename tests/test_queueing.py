@@ -109,20 +109,6 @@ async def test_queue_timeout_is_503_before_any_keepalive(sim, make_proxy, http):
     await asyncio.gather(holder, return_exceptions=True)
 
 
-async def test_non_generation_paths_never_wait_for_a_slot(sim, make_proxy, http):
-    sim.load_delay = 30
-    proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 0})
-    holder = asyncio.create_task(generate(http, proxy.listen_url))
-    await sim.wait_until(lambda: sim.active == 1)
-    for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models"):
-        async with http.get(proxy.listen_url + path) as resp:
-            assert resp.status == 200, path
-    async with http.post(proxy.listen_url + "/api/show", json={"model": "llama3.2"}) as resp:
-        assert resp.status == 200
-    holder.cancel()
-    await asyncio.gather(holder, return_exceptions=True)
-
-
 async def _until_depth(http, proxy, depth: int) -> None:
     async def reached() -> bool:
         return sample(await scrape(http, proxy), "ollama_proxy_queue_depth", model="llama3.2:latest") == depth

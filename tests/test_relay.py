@@ -16,7 +16,7 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .conftest import sample, scrape
+from .conftest import hold_the_slot, release, sample, scrape
 
 MODEL = "llama3.2"
 #: What the client sends that no upstream may see (RFC 9110 7.6.1), besides Connection itself.
@@ -159,11 +159,8 @@ async def test_non_queued_paths_are_relayed_unchanged(sim, make_proxy, http, met
 async def test_non_queued_paths_never_wait_for_a_slot(sim, make_proxy, http):
     """With the only slot taken and no queue room, /api/tags is still answered at once."""
     proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 0})
-    sim.load_delay = 60
-    holder = asyncio.create_task(http.post(proxy.listen_url + "/api/generate", json={"model": MODEL}))
+    holder = await hold_the_slot(sim, http, proxy)
     try:
-        await sim.wait_until(lambda: sim.active == 1)
-        sim.load_delay = 0
         async with http.post(proxy.listen_url + "/api/chat", json={"model": MODEL}) as resp:
             assert resp.status == 503  # the slot really is full
         async with asyncio.timeout(2):
@@ -172,8 +169,7 @@ async def test_non_queued_paths_never_wait_for_a_slot(sim, make_proxy, http):
                     assert resp.status == 200
                     await resp.read()
     finally:
-        holder.cancel()
-        await asyncio.gather(holder, return_exceptions=True)
+        await release(holder)
 
 
 async def test_head_is_relayed_without_a_body_and_keeps_the_connection_usable(sim, make_proxy):
@@ -219,17 +215,13 @@ async def test_request_target_reaches_upstream_byte_for_byte(make_proxy, http, u
 
 async def test_dot_segments_cannot_smuggle_a_generation_past_the_queue(sim, make_proxy, http):
     proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 0})
-    sim.load_delay = 60
-    holder = asyncio.create_task(http.post(proxy.listen_url + "/api/generate", json={"model": MODEL}))
+    holder = await hold_the_slot(sim, http, proxy)
     try:
-        await sim.wait_until(lambda: sim.active == 1)
-        sim.load_delay = 0
         smuggled = yarl.URL(proxy.listen_url + "/api/x/../generate", encoded=True)
         async with http.post(smuggled, json={"model": MODEL, "stream": False}) as resp:
             await resp.read()
     finally:
-        holder.cancel()
-        await asyncio.gather(holder, return_exceptions=True)
+        await release(holder)
     # Either it is not a generation upstream, or it was admitted like one (503 here).
     assert [r.path for r in sim.records] == ["/api/generate"]
     assert sim.peak == 1

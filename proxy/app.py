@@ -90,10 +90,16 @@ class Server:
 
     async def start(self) -> None:
         config = self.state.config
-        await self._proxy.setup()
-        await self._admin.setup()
-        for runner, where in ((self._proxy, config.listen), (self._admin, config.admin)):
-            await web.TCPSite(runner, where.host, where.port, backlog=1024).start()
+        try:
+            for runner, where in ((self._proxy, config.listen), (self._admin, config.admin)):
+                await runner.setup()
+                await web.TCPSite(runner, where.host, where.port, backlog=1024).start()
+        except BaseException:
+            # A taken port must not leave the other listener or the session open.
+            for runner in (self._proxy, self._admin):
+                if runner.server is not None:
+                    await runner.cleanup()
+            raise
         self.listen_url = _url(self._proxy)
         self.admin_url = _url(self._admin)
         limits = config.limits
@@ -107,10 +113,10 @@ class Server:
         """Drain: refuse new connections, let admitted and queued requests finish
         within `shutdown_grace`, then cancel what is left."""
         self.state.draining = True
-        state = self.state.admission
+        admission = self.state.admission
         log.info(
             "draining: %d running, %d waiting, grace %gs",
-            state.running_total, state.waiting_total, self.state.config.shutdown_grace,
+            admission.running_total, admission.waiting_total, self.state.config.shutdown_grace,
         )  # fmt: skip
         await self._proxy.cleanup()
         await self._admin.cleanup()

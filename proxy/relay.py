@@ -9,11 +9,13 @@ so an abandoned generation takes its socket, and Ollama's work, with it.
 from __future__ import annotations
 
 import json
+
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .config import format_duration
 from .errors import UpstreamReset, UpstreamStatus, UpstreamTimeout, UpstreamUnreachable
 from .reply import Reply
 
@@ -136,7 +138,7 @@ async def _read(upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout
 
 def _silent(timeout: aiohttp.ClientTimeout) -> UpstreamTimeout:
     return UpstreamTimeout(
-        f"upstream sent nothing for {timeout.sock_read:g}s (timeouts.read); "
+        f"upstream sent nothing for {format_duration(timeout.sock_read or 0)} (timeouts.read); "
         "the model may be stuck or the timeout too short for it"
     )
 

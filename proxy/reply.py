@@ -44,12 +44,8 @@ class Reply:
         self._loop = asyncio.get_running_loop()
         self._last_sent = self._loop.time()
         self._tail = b""  # last bytes of upstream data, for boundary checks
+        #: Set once a status line is out; from then on failures go in-band.
         self.response: web.StreamResponse | None = None
-
-    @property
-    def started(self) -> bool:
-        """True once a status line is out; from then on failures go in-band."""
-        return self.response is not None
 
     async def start(self, status: int, headers: Mapping[str, str]) -> bool:
         """Send upstream's status and headers, unless a keep-alive 200 beat them to it."""

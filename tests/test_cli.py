@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 
@@ -104,3 +105,17 @@ async def test_sigterm_drains_running_and_queued_requests_then_exits_0(sim, tmp_
         assert [status for status, _ in results] == [200, 200]
         assert all(json.loads(body.splitlines()[-1])["done"] for _, body in results)
         assert await asyncio.wait_for(proxy.proc.wait(), 15) == 0
+
+
+def test_a_taken_port_is_one_clear_line_and_exit_1(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            json.dumps(proxy_config("http://127.0.0.1:9", listen={"port": taken.getsockname()[1]}))
+        )
+        result = run("--config", str(config))
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr

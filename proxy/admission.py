@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from typing import Iterator
 
 from .classify import canonical_model
 from .config import LimitsConfig, format_duration
@@ -36,7 +35,7 @@ class Slot:
 
     __slots__ = ("_admission", "model", "key", "enqueued_at", "admitted_at", "_future", "_timer")
 
-    def __init__(self, admission: "Admission", model: str) -> None:
+    def __init__(self, admission: Admission, model: str) -> None:
         self._admission = admission
         self.model = model
         self.key = canonical_model(model)
@@ -45,7 +44,7 @@ class Slot:
         self._future: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    async def __aenter__(self) -> "Slot":
+    async def __aenter__(self) -> Slot:
         await self._admission._acquire(self)
         return self
 
@@ -74,10 +73,6 @@ class Admission:
         # A dict is an insertion-ordered set: O(1) removal of a cancelled waiter.
         self._waiters: dict[Slot, None] = {}
         self._avg_hold: float | None = None
-
-    @property
-    def limits(self) -> LimitsConfig:
-        return self._limits
 
     def slot(self, model: str) -> Slot:
         return Slot(self, model)
@@ -115,10 +110,6 @@ class Admission:
 
     def waiting_by_model(self) -> Counter[str]:
         return Counter(slot.key for slot in self._waiters)
-
-    def waiters(self) -> Iterator[Slot]:
-        """Waiting slots in queue order."""
-        return iter(list(self._waiters))
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely to free up, from recent hold times."""

@@ -229,7 +229,7 @@ def _quiet_logs() -> Iterator[None]:
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=False):
             logger.setLevel(level)
 
 
@@ -314,7 +314,7 @@ async def _generate(session: aiohttp.ClientSession, base: str, track: Track) -> 
             async for raw in resp.content:
                 if raw.strip():
                     track.receive(json.loads(raw), loop.time())
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         track.fail(f"{type(exc).__name__}: {exc}")
         return
     if track.phase is not Phase.DONE and not track.error:

@@ -89,9 +89,7 @@ class UpstreamStatus(UpstreamError):
 def error_body(err: ProxyError, *, openai: bool) -> bytes:
     """Ollama's `{"error": "..."}`, or OpenAI's nested shape on `/v1/*`."""
     if openai:
-        payload: object = {
-            "error": {"message": err.message, "type": err.openai_type, "code": err.reason}
-        }
+        payload: object = {"error": {"message": err.message, "type": err.openai_type, "code": err.reason}}
     else:
         payload = {"error": err.message}
     return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .errors import ProxyError
 
@@ -45,25 +45,26 @@ def _dumps(payload: object) -> bytes:
 
 def rfc3339(moment: datetime | None = None) -> str:
     """UTC, microseconds, `Z` suffix: what Ollama's clients parse."""
-    moment = moment or datetime.now(timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    moment = moment or datetime.now(UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def keepalive(wire: Wire, model: str, note: str, now: datetime | None = None) -> bytes:
     """One keep-alive frame; `note` says where the request stands (SSE only)."""
     if wire is Wire.GENERATE:
-        return _dumps(
-            {"model": model, "created_at": rfc3339(now), "response": "", "done": False}
-        ) + b"\n"
+        return _dumps({"model": model, "created_at": rfc3339(now), "response": "", "done": False}) + b"\n"
     if wire is Wire.CHAT:
-        return _dumps(
-            {
-                "model": model,
-                "created_at": rfc3339(now),
-                "message": {"role": "assistant", "content": ""},
-                "done": False,
-            }
-        ) + b"\n"
+        return (
+            _dumps(
+                {
+                    "model": model,
+                    "created_at": rfc3339(now),
+                    "message": {"role": "assistant", "content": ""},
+                    "done": False,
+                }
+            )
+            + b"\n"
+        )
     if wire is Wire.SSE:
         # A comment line must not contain a line break, or it would end the event.
         text = note.replace("\r", " ").replace("\n", " ").encode("ascii", "replace")

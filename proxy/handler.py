@@ -96,9 +96,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _relay(
-    state: ProxyState, config: Config, request: web.Request, body: bytes, reply: Reply
-) -> int:
+async def _relay(state: ProxyState, config: Config, request: web.Request, body: bytes, reply: Reply) -> int:
     assert state.session is not None, "client session is opened in cleanup_ctx"
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read

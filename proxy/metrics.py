@@ -8,7 +8,9 @@ through a missed decrement.
 
 from __future__ import annotations
 
-from typing import Counter as CounterType, Iterable, Iterator, Protocol
+from collections import Counter as CounterType
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -121,9 +123,7 @@ class _QueueCollector:
         return []  # collected live; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily(
-            "ollama_proxy_queue_depth", "Requests waiting for a slot", labels=["model"]
-        )
+        depth = GaugeMetricFamily("ollama_proxy_queue_depth", "Requests waiting for a slot", labels=["model"])
         in_flight = GaugeMetricFamily(
             "ollama_proxy_in_flight", "Requests holding a slot (running upstream)", labels=["model"]
         )

@@ -41,14 +41,10 @@ _REQUEST_ONLY = frozenset({"host", "content-length", "expect"})
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
-def _strip_hop_by_hop(
-    headers: CIMultiDictProxy[str], also: frozenset[str] = frozenset()
-) -> CIMultiDict[str]:
+def _strip_hop_by_hop(headers: CIMultiDictProxy[str], also: frozenset[str] = frozenset()) -> CIMultiDict[str]:
     """Drop hop-by-hop headers, including any the Connection header names."""
     named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
+        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
     }
     drop = HOP_BY_HOP | named | also
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)

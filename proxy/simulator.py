@@ -151,7 +151,11 @@ class _Gen:
             value = options.get("num_predict") if isinstance(options, dict) else None
         else:
             value = next(
-                (self.body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in self.body),
+                (
+                    self.body[k]
+                    for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                    if k in self.body
+                ),
                 None,
             )
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
@@ -283,7 +287,11 @@ class Simulator:
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
         bound_host, bound_port = self._runner.addresses[0][:2]
-        self._url = f"http://[{bound_host}]:{bound_port}" if ":" in bound_host else f"http://{bound_host}:{bound_port}"
+        self._url = (
+            f"http://[{bound_host}]:{bound_port}"
+            if ":" in bound_host
+            else f"http://{bound_host}:{bound_port}"
+        )
         return self._url
 
     async def close(self) -> None:
@@ -432,7 +440,14 @@ class Simulator:
         for name in self._model_names():
             if name in used:
                 entry = {key: value for key, value in _model_entry(name).items() if key != "modified_at"}
-                loaded.append({**entry, "expires_at": EXPIRES_AT, "size_vram": _model_size(name), "context_length": 4096})
+                loaded.append(
+                    {
+                        **entry,
+                        "expires_at": EXPIRES_AT,
+                        "size_vram": _model_size(name),
+                        "context_length": 4096,
+                    }
+                )
         return _json_response({"models": loaded})
 
     async def _show(self, request: web.Request) -> web.Response:
@@ -572,7 +587,8 @@ def _render_generate(gen: _Gen) -> _Plan:
         final["response"] = "".join(words)
         return _Plan(JSON_NATIVE, [_dumps(final)], tokens=len(words), streaming=False)
     lines = [
-        _ndjson({"model": gen.model, "created_at": CREATED_AT, "response": word, "done": False}) for word in words
+        _ndjson({"model": gen.model, "created_at": CREATED_AT, "response": word, "done": False})
+        for word in words
     ]
     return _Plan(NDJSON, [*lines, _ndjson(final)], tokens=len(words))
 
@@ -626,7 +642,9 @@ def _render_openai_embeddings(gen: _Gen) -> _Plan:
     data = []
     for index, item in enumerate(inputs):
         vector = _embedding(_text_of(item))
-        encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+        encoded: Any = (
+            base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+        )
         data.append({"object": "embedding", "embedding": encoded, "index": index})
     usage = {"prompt_tokens": gen.prompt_tokens, "total_tokens": gen.prompt_tokens}
     body = {"object": "list", "data": data, "model": gen.model, "usage": usage}
@@ -689,7 +707,13 @@ def _render_responses(gen: _Gen) -> _Plan:
     text = "".join(words)
     message_id = f"msg_{gen.ident}"
     part = {"type": "output_text", "text": text, "annotations": []}
-    item = {"type": "message", "id": message_id, "status": "completed", "role": "assistant", "content": [part]}
+    item = {
+        "type": "message",
+        "id": message_id,
+        "status": "completed",
+        "role": "assistant",
+        "content": [part],
+    }
     response: dict[str, Any] = {
         "id": f"resp_{gen.ident}",
         "object": "response",
@@ -703,7 +727,11 @@ def _render_responses(gen: _Gen) -> _Plan:
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [],
-        "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": gen.count, "total_tokens": gen.prompt_tokens + gen.count},
+        "usage": {
+            "input_tokens": gen.prompt_tokens,
+            "output_tokens": gen.count,
+            "total_tokens": gen.prompt_tokens + gen.count,
+        },
     }
     if gen.done_reason == "length":
         response["status"] = "incomplete"
@@ -715,13 +743,19 @@ def _render_responses(gen: _Gen) -> _Plan:
     pending = {**response, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
     events: list[tuple[str, dict[str, Any]]] = [
         ("response.created", {"response": pending}),
-        ("response.output_item.added", {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
+        (
+            "response.output_item.added",
+            {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+        ),
         ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
         *(("response.output_text.delta", {**where, "delta": word, "logprobs": []}) for word in words),
         ("response.output_text.done", {**where, "text": text, "logprobs": []}),
         ("response.content_part.done", {**where, "part": part}),
         ("response.output_item.done", {"output_index": 0, "item": item}),
-        ("response.completed" if response["status"] == "completed" else "response.incomplete", {"response": response}),
+        (
+            "response.completed" if response["status"] == "completed" else "response.incomplete",
+            {"response": response},
+        ),
     ]
     chunks = [
         f"event: {kind}\n".encode() + _sse({"type": kind, "sequence_number": number, **payload})
@@ -792,9 +826,7 @@ def _text_of(value: Any) -> str:
 
 def _embedding(text: str) -> list[float]:
     """A fixed-size vector that depends only on the text."""
-    return [
-        ((zlib.crc32(f"{i}:{text}".encode()) % 2001) - 1000) / 1000 for i in range(EMBEDDING_DIMENSIONS)
-    ]
+    return [((zlib.crc32(f"{i}:{text}".encode()) % 2001) - 1000) / 1000 for i in range(EMBEDDING_DIMENSIONS)]
 
 
 def _model_size(name: str) -> int:
@@ -834,7 +866,10 @@ async def _serve(args: argparse.Namespace) -> None:
         load_delay=args.load_delay,
     )
     url = await sim.start(args.host, args.port)
-    print(f"simulated Ollama listening on {url} (models: {', '.join(sim._model_names())}); Ctrl-C to stop", flush=True)
+    print(
+        f"simulated Ollama listening on {url} (models: {', '.join(sim._model_names())}); Ctrl-C to stop",
+        flush=True,
+    )
     try:
         await _forever()
     finally:
@@ -846,10 +881,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m proxy.simulator", description=main.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434, help="0 picks a free port (default: %(default)s)")
-    parser.add_argument("--models", default="llama3.2,big,small", help="comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--models", default="llama3.2,big,small", help="comma-separated (default: %(default)s)"
+    )
     parser.add_argument("--tokens", type=int, default=8, help="tokens per answer (default: %(default)s)")
-    parser.add_argument("--token-delay", type=float, default=0.05, help="seconds per token (default: %(default)s)")
-    parser.add_argument("--load-delay", type=float, default=0.0, help="seconds before headers (default: %(default)s)")
+    parser.add_argument(
+        "--token-delay", type=float, default=0.05, help="seconds per token (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--load-delay", type=float, default=0.0, help="seconds before headers (default: %(default)s)"
+    )
     try:
         asyncio.run(_serve(parser.parse_args(argv)))
     except KeyboardInterrupt:

@@ -7,9 +7,9 @@ import contextlib
 import inspect
 import re
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -45,6 +45,7 @@ class ProxyProcess:
 
     async def log_line(self, pattern: str, timeout: float = 10.0) -> str:
         """Wait for a log line matching `pattern` (the process's own event to await)."""
+
         async def found() -> bool:
             return any(re.search(pattern, line) for line in self.log)
 

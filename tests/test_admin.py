@@ -51,13 +51,12 @@ async def test_model_label_is_bounded(sim, make_proxy, http):
         async with http.post(proxy.listen_url + "/api/generate", json={"model": f"m{i}"}) as resp:
             assert resp.status == 404
     metrics = await scrape(http, proxy)
-    models = {
-        dict(labels)["model"]
-        for (name, labels) in metrics
-        if name == "ollama_proxy_requests_total"
-    }
+    models = {dict(labels)["model"] for (name, labels) in metrics if name == "ollama_proxy_requests_total"}
     assert len(models) == 51 and "other" in models and "m0:latest" in models
-    assert sample(metrics, "ollama_proxy_requests_total", endpoint="/api/generate", model="other", code="404") == 10
+    assert (
+        sample(metrics, "ollama_proxy_requests_total", endpoint="/api/generate", model="other", code="404")
+        == 10
+    )
 
 
 async def test_listen_port_serves_none_of_the_admin_paths(sim, make_proxy, http):

@@ -80,7 +80,16 @@ async def test_disconnect_while_queued_leaves_the_queue_at_once_and_never_reache
     metrics = await scrape(http, proxy)
     assert sample(metrics, "ollama_proxy_queue_depth", model="llama3.2:latest") == 0
     assert sample(metrics, "ollama_proxy_client_disconnects_total", phase="queued") == 1
-    assert sample(metrics, "ollama_proxy_requests_total", endpoint="/api/generate", model="llama3.2:latest", code="499") == 1
+    assert (
+        sample(
+            metrics,
+            "ollama_proxy_requests_total",
+            endpoint="/api/generate",
+            model="llama3.2:latest",
+            code="499",
+        )
+        == 1
+    )
 
     holder.cancel()
     await asyncio.gather(holder, return_exceptions=True)
@@ -94,7 +103,7 @@ async def test_client_gone_mid_upload_holds_nothing(sim, make_proxy):
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
         b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000\r\n\r\n{\"model\": \"llama3.2\", "
+        b'Content-Length: 1000\r\n\r\n{"model": "llama3.2", '
     )
     await writer.drain()
     writer.close()

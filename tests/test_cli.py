@@ -31,8 +31,7 @@ def test_check_config_accepts_the_shipped_file_and_summarises_it():
 def test_check_config_names_every_problem_by_its_path(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        "limits:\n  max_concurrent: 0\n  max_queue: -1\n  modles: {}\n"
-        "timeouts:\n  read: 5 minutes\n"
+        "limits:\n  max_concurrent: 0\n  max_queue: -1\n  modles: {}\ntimeouts:\n  read: 5 minutes\n"
     )
     result = run("check-config", str(bad))
     assert result.returncode == 1
@@ -87,9 +86,7 @@ async def _equals(read, value) -> bool:
 async def test_sigterm_drains_running_and_queued_requests_then_exits_0(sim, tmp_path):
     sim.tokens, sim.token_delay = 10, 0.05
     config = tmp_path / "config.yaml"
-    config.write_text(
-        json.dumps(proxy_config(sim.url, limits={"max_concurrent": 1}, shutdown_grace="10s"))
-    )
+    config.write_text(json.dumps(proxy_config(sim.url, limits={"max_concurrent": 1}, shutdown_grace="10s")))
     async with running_proxy(config) as proxy, aiohttp.ClientSession() as http:
 
         async def generate() -> tuple[int, bytes]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import ollama
 import openai
@@ -43,7 +44,9 @@ async def ollama_client(url: str) -> AsyncIterator[ollama.AsyncClient]:
 
 @contextlib.asynccontextmanager
 async def openai_client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10) as client:
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10
+    ) as client:
         yield client
 
 
@@ -118,7 +121,9 @@ async def collect(stream: Awaitable[AsyncIterator[Any]]) -> list[Any]:
 async def test_ollama_generate_streaming_sees_frames_as_empty_parts_only(sim, proxy, http):
     async with ollama_client(sim.url) as direct_client, ollama_client(proxy.listen_url) as client:
         direct = await collect(direct_client.generate(MODEL, PROMPT, stream=True))
-        parts, sent = await queued(sim, http, proxy, lambda: collect(client.generate(MODEL, PROMPT, stream=True)))
+        parts, sent = await queued(
+            sim, http, proxy, lambda: collect(client.generate(MODEL, PROMPT, stream=True))
+        )
     assert sent >= FRAMES
     text = "".join(p.response for p in parts)
     assert text == "".join(p.response for p in direct) and len(text.split()) == 8
@@ -142,7 +147,9 @@ async def test_ollama_generate_non_streaming_equals_direct(sim, proxy, http):
 async def test_ollama_chat_streaming_sees_frames_as_empty_messages_only(sim, proxy, http):
     async with ollama_client(sim.url) as direct_client, ollama_client(proxy.listen_url) as client:
         direct = await collect(direct_client.chat(MODEL, MESSAGES, stream=True))
-        parts, sent = await queued(sim, http, proxy, lambda: collect(client.chat(MODEL, MESSAGES, stream=True)))
+        parts, sent = await queued(
+            sim, http, proxy, lambda: collect(client.chat(MODEL, MESSAGES, stream=True))
+        )
     assert sent >= FRAMES
     text = "".join(p.message.content for p in parts)
     assert text == "".join(p.message.content for p in direct) and len(text.split()) == 8
@@ -296,7 +303,9 @@ async def test_unknown_model_is_the_clients_normal_404(sim, proxy, http):
     assert [(e.status_code, e.error) for e in proxied] == [(404, NOT_FOUND)] * 4
 
     direct_oa, proxied_oa = await openai_errors(sim.url), await openai_errors(proxy.listen_url)
-    assert [(e.status_code, e.body, str(e)) for e in proxied_oa] == [(e.status_code, e.body, str(e)) for e in direct_oa]
+    assert [(e.status_code, e.body, str(e)) for e in proxied_oa] == [
+        (e.status_code, e.body, str(e)) for e in direct_oa
+    ]
     assert all(e.status_code == 404 and e.body["message"] == NOT_FOUND for e in proxied_oa)
 
 

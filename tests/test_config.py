@@ -196,8 +196,14 @@ def test_unknown_top_level_key_suggests_section() -> None:
             {"timeouts": {"read": "5 minutes"}},
             'timeouts.read: must be a duration > 0, such as 250ms, 30s, 5m or 1h (got "5 minutes")',
         ),
-        ({"shutdown_grace": "-1s"}, 'shutdown_grace: must be a duration >= 0, such as 0, 30s or 2m (got "-1s")'),
-        ({"heartbeat": {"non_streaming": "maybe"}}, 'heartbeat.non_streaming: must be true or false (got "maybe")'),
+        (
+            {"shutdown_grace": "-1s"},
+            'shutdown_grace: must be a duration >= 0, such as 0, 30s or 2m (got "-1s")',
+        ),
+        (
+            {"heartbeat": {"non_streaming": "maybe"}},
+            'heartbeat.non_streaming: must be true or false (got "maybe")',
+        ),
         (
             {"request": {"max_body": 0}},
             "request.max_body: must be a size >= 1 byte, such as 1048576, 512KiB or 64MiB (got 0)",
@@ -210,13 +216,19 @@ def test_unknown_top_level_key_suggests_section() -> None:
             {"upstream": {"url": "http://"}},
             'upstream.url: must be an http:// or https:// URL with a host, such as http://127.0.0.1:11434 (got "http://")',
         ),
-        ({"upstream": {"url": "http://h/x?a=1"}}, 'upstream.url: must not have a query or fragment (got "http://h/x?a=1")'),
+        (
+            {"upstream": {"url": "http://h/x?a=1"}},
+            'upstream.url: must not have a query or fragment (got "http://h/x?a=1")',
+        ),
         ({"metrics": {"path": "metrics"}}, 'metrics.path: must be a path starting with "/" (got "metrics")'),
         (
             {"metrics": {"path": "/-/metrics"}},
-            "metrics.path: must not be under \"/-/\", which holds the proxy's own endpoints (got \"/-/metrics\")",
+            'metrics.path: must not be under "/-/", which holds the proxy\'s own endpoints (got "/-/metrics")',
         ),
-        ({"listen": {"port": 9000}, "admin": {"port": 9000}}, "admin.port: must differ from listen.port on the same host (got 9000)"),
+        (
+            {"listen": {"port": 9000}, "admin": {"port": 9000}},
+            "admin.port: must differ from listen.port on the same host (got 9000)",
+        ),
         (
             {"listen": {"host": "0.0.0.0", "port": 9000}, "admin": {"port": 9000}},
             "admin.port: must differ from listen.port on the same host (got 9000)",
@@ -233,7 +245,9 @@ def test_port_zero_may_repeat_because_the_os_picks() -> None:
 
 
 def test_same_port_on_different_hosts_is_allowed() -> None:
-    config = config_from_dict({"listen": {"host": "127.0.0.1", "port": 9000}, "admin": {"host": "10.0.0.5", "port": 9000}})
+    config = config_from_dict(
+        {"listen": {"host": "127.0.0.1", "port": 9000}, "admin": {"host": "10.0.0.5", "port": 9000}}
+    )
     assert config.admin.host == "10.0.0.5"
 
 

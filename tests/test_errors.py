@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from .conftest import scrape, sample
+from .conftest import sample, scrape
 
 
 @pytest.mark.parametrize(
@@ -113,4 +113,9 @@ async def test_upstream_statuses_and_bodies_are_relayed_unchanged(sim, make_prox
         assert resp.status == 500
     metrics = await scrape(http, proxy)
     assert sample(metrics, "ollama_proxy_upstream_errors_total", kind="status") == 1
-    assert sample(metrics, "ollama_proxy_requests_total", endpoint="/api/chat", model="llama3.2:latest", code="500") == 1
+    assert (
+        sample(
+            metrics, "ollama_proxy_requests_total", endpoint="/api/chat", model="llama3.2:latest", code="500"
+        )
+        == 1
+    )

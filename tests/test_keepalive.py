@@ -30,14 +30,16 @@ async def test_queued_client_never_sees_more_than_the_interval_of_silence(sim, m
     loop = asyncio.get_running_loop()
     sent_at = loop.time()
     releaser = loop.call_later(2.0, holder.cancel)
-    async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2", "prompt": "p"}) as resp:
+    async with http.post(
+        proxy.listen_url + "/api/generate", json={"model": "llama3.2", "prompt": "p"}
+    ) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "application/x-ndjson"
         chunks = await timed_chunks(resp)
     releaser.cancel()
     await release(holder)
     times = [sent_at] + [t for t, _ in chunks]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert max(gaps) < 0.3, f"largest gap {max(gaps):.3f}s"
     body = b"".join(c for _, c in chunks)
     lines = body.splitlines(keepends=True)
@@ -47,7 +49,9 @@ async def test_queued_client_never_sees_more_than_the_interval_of_silence(sim, m
     assert json.loads(lines[-1])["done"] is True
 
 
-async def _frames_then_result(sim, make_proxy, http, path: str, body: dict) -> tuple[aiohttp.ClientResponse, bytes, bytes]:
+async def _frames_then_result(
+    sim, make_proxy, http, path: str, body: dict
+) -> tuple[aiohttp.ClientResponse, bytes, bytes]:
     """A request queued ~0.5 s at a 0.1 s interval: (response, whole body, direct body)."""
     async with http.post(sim.url + path, json=body) as direct:
         direct_body = await direct.read()
@@ -88,7 +92,9 @@ async def test_sse_frames_are_comments_with_the_queue_position(sim, make_proxy, 
     assert data.endswith(direct) and direct.endswith(b"data: [DONE]\n\n")
     head = data[: len(data) - len(direct)]
     # Once admitted, a slow upstream may earn a frame or two of its own.
-    assert re.fullmatch(rb"(: queued, position 1 of 1\n\n){3,}(: running, waiting for upstream\n\n)*", head), head
+    assert re.fullmatch(
+        rb"(: queued, position 1 of 1\n\n){3,}(: running, waiting for upstream\n\n)*", head
+    ), head
 
 
 async def test_non_streaming_frames_are_leading_newlines(sim, make_proxy, http):
@@ -106,9 +112,7 @@ async def test_non_streaming_keepalive_can_be_turned_off(sim, make_proxy, http):
     )
     holder = await hold_the_slot(sim, http, proxy)
     asyncio.get_running_loop().call_later(0.4, holder.cancel)
-    async with http.post(
-        proxy.listen_url + "/api/embed", json={"model": "llama3.2", "input": "x"}
-    ) as resp:
+    async with http.post(proxy.listen_url + "/api/embed", json={"model": "llama3.2", "input": "x"}) as resp:
         data = await resp.read()
     await release(holder)
     assert resp.status == 200 and not data.startswith(b"\n")
@@ -144,12 +148,16 @@ async def test_frames_mid_stream_go_only_between_lines(make_proxy, http):
         await asyncio.sleep(0.5)  # silent mid-line: no frame may go here
         await resp.write(b'onse":"a","done":false}\n')
         await asyncio.sleep(0.5)  # silent between lines: frames go here
-        await resp.write(b'{"model":"llama3.2","created_at":"2024-01-01T00:00:00Z","response":"","done":true}\n')
+        await resp.write(
+            b'{"model":"llama3.2","created_at":"2024-01-01T00:00:00Z","response":"","done":true}\n'
+        )
         return resp
 
     runner = await serve_upstream(stalling)
     try:
-        proxy = await make_proxy(upstream="http://127.0.0.1:%d" % runner.addresses[0][1], heartbeat={"interval": "100ms"})
+        proxy = await make_proxy(
+            upstream=f"http://127.0.0.1:{runner.addresses[0][1]}", heartbeat={"interval": "100ms"}
+        )
         async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
             data = await resp.read()
     finally:
@@ -176,7 +184,9 @@ async def test_no_frame_is_added_to_a_body_upstream_sized_itself(make_proxy, htt
 
     runner = await serve_upstream(sized)
     try:
-        proxy = await make_proxy(upstream="http://127.0.0.1:%d" % runner.addresses[0][1], heartbeat={"interval": "100ms"})
+        proxy = await make_proxy(
+            upstream=f"http://127.0.0.1:{runner.addresses[0][1]}", heartbeat={"interval": "100ms"}
+        )
         async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
             assert await resp.read() == body
             assert resp.headers["Content-Length"] == str(len(body))
@@ -223,7 +233,9 @@ async def test_non_streaming_failure_after_keepalive_is_a_json_error_body(sim, m
         limits={"max_concurrent": 1, "queue_timeout": "350ms"}, heartbeat={"interval": "100ms"}
     )
     holder = await hold_the_slot(sim, http, proxy)
-    async with http.post(proxy.listen_url + "/v1/embeddings", json={"model": "llama3.2", "input": "x"}) as resp:
+    async with http.post(
+        proxy.listen_url + "/v1/embeddings", json={"model": "llama3.2", "input": "x"}
+    ) as resp:
         data = await resp.read()
     await release(holder)
     assert resp.status == 200 and data.startswith(b"\n")

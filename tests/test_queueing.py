@@ -9,7 +9,9 @@ import aiohttp
 from .conftest import eventually, sample, scrape
 
 
-async def generate(http: aiohttp.ClientSession, base: str, model: str = "llama3.2", **extra) -> tuple[int, bytes]:
+async def generate(
+    http: aiohttp.ClientSession, base: str, model: str = "llama3.2", **extra
+) -> tuple[int, bytes]:
     body = {"model": model, "prompt": "why is the sky blue", **extra}
     async with http.post(base + "/api/generate", json=body) as resp:
         return resp.status, await resp.read()
@@ -28,7 +30,16 @@ async def test_ten_streams_through_three_slots_are_complete_and_identical(sim, m
     assert [status for status, _ in results] == [200] * 10
     assert all(body == direct for _, body in results)
     metrics = await scrape(http, proxy)
-    assert sample(metrics, "ollama_proxy_requests_total", endpoint="/api/generate", model="llama3.2:latest", code="200") == 10
+    assert (
+        sample(
+            metrics,
+            "ollama_proxy_requests_total",
+            endpoint="/api/generate",
+            model="llama3.2:latest",
+            code="200",
+        )
+        == 10
+    )
     assert sample(metrics, "ollama_proxy_queue_wait_seconds_count", model="llama3.2:latest") == 10
     assert sample(metrics, "ollama_proxy_in_flight", model="llama3.2:latest") == 0
     assert sample(metrics, "ollama_proxy_queue_depth", model="llama3.2:latest") == 0
@@ -41,7 +52,9 @@ async def test_big_model_capped_at_one_while_small_flows_past(sim, make_proxy, h
     await sim.wait_until(lambda: sum(r.model == "big" for r in sim.records) == 1)
     # Two bigs now wait behind the cap, ahead of the smalls in the queue's order.
     short = {"options": {"num_predict": 2}}
-    smalls = await asyncio.gather(*(generate(http, proxy.listen_url, model="small", **short) for _ in range(4)))
+    smalls = await asyncio.gather(
+        *(generate(http, proxy.listen_url, model="small", **short) for _ in range(4))
+    )
     assert [status for status, _ in smalls] == [200] * 4
     assert [status for status, _ in await asyncio.gather(*bigs)] == [200] * 3
 
@@ -49,7 +62,7 @@ async def test_big_model_capped_at_one_while_small_flows_past(sim, make_proxy, h
     small_ends = [r.ended_at for r in sim.records if r.model == "small"]
     assert len(big) == 3 and len(small_ends) == 4
     assert max(small_ends) < big[0][1]  # every small ran while the first big still did
-    for (_, end), (start, _) in zip(big, big[1:]):
+    for (_, end), (start, _) in zip(big, big[1:], strict=False):
         assert start >= end  # never two bigs at once
 
 

@@ -8,7 +8,7 @@ import base64
 import gzip
 import json
 import re
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -100,7 +100,7 @@ async def upstream() -> AsyncIterator[str]:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        yield "http://127.0.0.1:%d" % runner.addresses[0][1]
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
 
@@ -153,7 +153,9 @@ async def test_non_queued_paths_are_relayed_unchanged(sim, make_proxy, http, met
     assert direct[3] and direct[2] == str(len(direct[3]))
     assert len(sim.records) == generations  # none of these is a generation upstream
     metrics = await scrape(http, proxy)
-    assert sample(metrics, "ollama_proxy_requests_total", endpoint="other", model="", code=str(direct[0])) == 1
+    assert (
+        sample(metrics, "ollama_proxy_requests_total", endpoint="other", model="", code=str(direct[0])) == 1
+    )
 
 
 async def test_non_queued_paths_never_wait_for_a_slot(sim, make_proxy, http):
@@ -182,7 +184,9 @@ async def test_head_is_relayed_without_a_body_and_keeps_the_connection_usable(si
             assert await direct.read() == b""
         async with session.head(proxy.listen_url + "/") as resp:
             assert resp.status == direct.status == 200
-            assert resp.headers["Content-Type"] == direct.headers["Content-Type"] == "text/plain; charset=utf-8"
+            assert (
+                resp.headers["Content-Type"] == direct.headers["Content-Type"] == "text/plain; charset=utf-8"
+            )
             assert resp.headers["Content-Length"] == direct.headers["Content-Length"] == "17"
             assert await resp.read() == b""
         for _ in range(2):
@@ -233,7 +237,12 @@ async def test_dot_segments_cannot_smuggle_a_generation_past_the_queue(sim, make
 async def test_hop_by_hop_request_headers_are_dropped_and_end_to_end_ones_kept(make_proxy, http, upstream):
     proxy = await make_proxy(upstream=upstream)
     sent = CIMultiDict(
-        {"Connection": "keep-alive, X-Secret", **HOP_BY_HOP_REQUEST, **END_TO_END_REQUEST, "Host": "client.example:8080"}
+        {
+            "Connection": "keep-alive, X-Secret",
+            **HOP_BY_HOP_REQUEST,
+            **END_TO_END_REQUEST,
+            "Host": "client.example:8080",
+        }
     )
     direct = await echoed(http, upstream + "/echo", headers=sent)
     proxied = await echoed(http, proxy.listen_url + "/echo", headers=sent)
@@ -255,7 +264,9 @@ async def test_hop_by_hop_request_headers_are_dropped_and_end_to_end_ones_kept(m
 async def test_proxy_adds_no_headers_the_client_did_not_send(make_proxy, upstream):
     proxy = await make_proxy(upstream=upstream)
     bare = ("User-Agent", "Accept", "Accept-Encoding")
-    async with aiohttp.ClientSession(skip_auto_headers=bare, timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with aiohttp.ClientSession(
+        skip_auto_headers=bare, timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
         proxied = await echoed(session, proxy.listen_url + "/echo")
     assert sorted(k for k, _ in header_pairs(proxied)) == ["Host", "X-Forwarded-For"]
 
@@ -315,7 +326,9 @@ async def test_hop_by_hop_response_headers_are_dropped(make_proxy, http, upstrea
 @pytest.mark.parametrize("sized", [True, False], ids=["content-length", "chunked"])
 async def test_gzip_body_passes_through_undecoded(make_proxy, upstream, sized):
     proxy = await make_proxy(upstream=upstream)
-    async with aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with aiohttp.ClientSession(
+        auto_decompress=False, timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
         async with session.get(proxy.listen_url + f"/gzip?sized={int(sized)}") as resp:
             raw = await resp.read()
             headers = resp.headers
@@ -352,7 +365,10 @@ async def test_set_cookie_passes_through_and_is_never_replayed(make_proxy, http,
     "path, body",
     [
         ("/api/generate", {"model": MODEL, "prompt": "tell me"}),
-        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ),
     ],
     ids=["ndjson", "sse"],
 )
@@ -380,7 +396,7 @@ async def test_stream_is_relayed_as_it_arrives(sim, make_proxy, http, path, body
     assert len(token_times) == 5
     assert token_times[0] - sent_at < 0.3
     assert ended_at - token_times[0] >= 0.3
-    assert all(b - a >= 0.04 for a, b in zip(token_times, token_times[1:]))
+    assert all(b - a >= 0.04 for a, b in zip(token_times, token_times[1:], strict=False))
 
 
 #: A line carrying a generated word, in NDJSON (`response`) or SSE (`content`).

@@ -60,7 +60,9 @@ def sse_data(data: bytes) -> list[str]:
 
 async def test_generate_streams_one_ndjson_line_per_token_then_a_final_line(sim: Simulator, http) -> None:
     sim.tokens = 4
-    async with http.post(f"{sim.url}/api/generate", json=GENERATE, headers={"X-Forwarded-For": "10.0.0.1"}) as resp:
+    async with http.post(
+        f"{sim.url}/api/generate", json=GENERATE, headers={"X-Forwarded-For": "10.0.0.1"}
+    ) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "application/x-ndjson"
         lines = ndjson(await resp.read())
@@ -90,7 +92,9 @@ async def test_non_streaming_generate_and_chat_are_single_json_objects(sim: Simu
     status, ctype, body = await fetch(http, f"{sim.url}/api/chat", {**CHAT, "stream": False})
     answer = json.loads(body)
     assert (status, ctype) == (200, "application/json; charset=utf-8")
-    assert answer["message"]["role"] == "assistant" and len(answer["message"]["content"].split()) == sim.tokens
+    assert (
+        answer["message"]["role"] == "assistant" and len(answer["message"]["content"].split()) == sim.tokens
+    )
     assert answer["done_reason"] == "stop" and "context" not in answer
 
 
@@ -159,7 +163,9 @@ DETERMINISM_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("path", "body"), DETERMINISM_CASES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(DETERMINISM_CASES)])
+@pytest.mark.parametrize(
+    ("path", "body"), DETERMINISM_CASES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(DETERMINISM_CASES)]
+)
 async def test_identical_requests_get_identical_bytes(sim: Simulator, http, path: str, body: dict) -> None:
     sim.token_delay = 0.001
     sim.context_size = 3
@@ -198,7 +204,11 @@ async def test_official_ollama_client_accepts_the_wire_format(sim: Simulator) ->
         legacy = await client.embeddings(model="small", prompt="a")
         assert list(legacy.embedding) == list(embedded.embeddings[0])
 
-        assert {m.model for m in (await client.list()).models} == {"big:latest", "llama3.2:latest", "small:latest"}
+        assert {m.model for m in (await client.list()).models} == {
+            "big:latest",
+            "llama3.2:latest",
+            "small:latest",
+        }
         assert (await client.show("big")).details.family == "llama"
         assert [m.model for m in (await client.ps()).models] == ["llama3.2:latest", "small:latest"]
 
@@ -238,7 +248,9 @@ async def test_official_openai_client_accepts_the_wire_format(sim: Simulator) ->
 
         response = await client.responses.create(model="big", input="tell me")
         assert len(response.output_text.split()) == sim.tokens
-        events = [event async for event in await client.responses.create(model="big", input="tell me", stream=True)]
+        events = [
+            event async for event in await client.responses.create(model="big", input="tell me", stream=True)
+        ]
         deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
         assert deltas == response.output_text
         assert events[-1].type == "response.completed" and events[-1].response.output_text == deltas
@@ -258,7 +270,9 @@ async def test_unknown_model_on_native_paths_is_ollamas_404(sim: Simulator, http
     assert json.loads(body) == {"error": 'model "nope" not found, try pulling it first'}
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"])
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
+)
 async def test_unknown_model_on_openai_paths_is_openai_shaped(sim: Simulator, http, path: str) -> None:
     status, _, body = await fetch(http, sim.url + path, {"model": "nope", "input": "x"})
     assert status == 404
@@ -302,7 +316,10 @@ async def test_bad_bodies_are_400(sim: Simulator, http) -> None:
 
 async def test_active_and_peak_follow_concurrent_generations(sim: Simulator, http) -> None:
     sim.tokens, sim.token_delay = 4, 0.03
-    requests = [asyncio.create_task(fetch(http, f"{sim.url}/api/generate", {**GENERATE, "prompt": str(i)})) for i in range(3)]
+    requests = [
+        asyncio.create_task(fetch(http, f"{sim.url}/api/generate", {**GENERATE, "prompt": str(i)}))
+        for i in range(3)
+    ]
     await sim.wait_until(lambda: sim.active == 3)
     assert sim.peak == 3
     await asyncio.wait_for(asyncio.gather(*requests), 5)
@@ -425,7 +442,11 @@ async def test_hang_body_goes_silent_after_fault_after_chunks(sim: Simulator, ht
 async def test_status_fault_answers_with_the_error_shape_of_the_path(sim: Simulator, http) -> None:
     sim.fault, sim.fault_status = "status", 503
     status, ctype, body = await fetch(http, f"{sim.url}/api/chat", CHAT)
-    assert (status, ctype, json.loads(body)) == (503, "application/json; charset=utf-8", {"error": "simulated failure"})
+    assert (status, ctype, json.loads(body)) == (
+        503,
+        "application/json; charset=utf-8",
+        {"error": "simulated failure"},
+    )
     status, _, body = await fetch(http, f"{sim.url}/v1/completions", {"model": "big", "prompt": "x"})
     assert status == 503 and json.loads(body)["error"]["message"] == "simulated failure"
     async with http.get(f"{sim.url}/api/version") as resp:  # faults only touch generation paths
@@ -477,4 +498,3 @@ async def test_module_runs_standalone_until_interrupted(http) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-

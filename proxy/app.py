@@ -81,6 +81,7 @@ class Server:
         self._proxy = web.AppRunner(
             build_proxy_app(self.state),
             handler_cancellation=True,
+            auto_decompress=False,  # a compressed request body is relayed as it came
             shutdown_timeout=config.shutdown_grace,
             access_log_format=_ACCESS_LOG_FORMAT,
         )

@@ -18,7 +18,7 @@ from aiohttp import web
 from . import classify
 from .admission import Slot
 from .config import Config, format_size
-from .errors import ProxyError, TooLarge, UpstreamError, error_response
+from .errors import BadRequest, ProxyError, TooLarge, UpstreamError, error_response
 from .frames import Wire
 from .relay import relay
 from .reply import Reply
@@ -88,11 +88,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except web.RequestPayloadError as exc:
+        raise BadRequest(f"could not read the request body: {exc}") from None
     return b"".join(chunks)
 
 

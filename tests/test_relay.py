@@ -96,7 +96,7 @@ async def upstream() -> AsyncIterator[str]:
     app.router.add_get("/gzip", _gzip)
     app.router.add_get("/cookie", _cookie)
     app.router.add_route("*", "/{tail:.*}", _echo)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False)  # echo bodies as sent
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
@@ -475,3 +475,19 @@ async def test_fifty_concurrent_gets_all_get_the_right_body(sim, make_proxy, htt
     assert results == [(200, expected)] * 50
     metrics = await scrape(http, proxy)
     assert sample(metrics, "ollama_proxy_requests_total", endpoint="other", model="", code="200") == 50
+
+
+async def test_a_compressed_request_body_is_relayed_as_it_came(make_proxy, http, upstream):
+    proxy = await make_proxy(upstream=upstream)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    proxied = await echoed(http, proxy.listen_url + "/api/show", method="POST", data=GZIPPED, headers=headers)
+    assert base64.b64decode(proxied["body"]) == GZIPPED
+    assert values(proxied, "Content-Encoding") == ["gzip"]
+
+
+async def test_a_compressed_body_on_a_generation_path_is_a_clear_400(make_proxy, http, upstream):
+    proxy = await make_proxy(upstream=upstream)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with http.post(proxy.listen_url + "/api/chat", data=b"not gzip", headers=headers) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"].startswith("request body is not valid JSON")

@@ -67,17 +67,19 @@ def serve(path: str) -> int:
             print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(_serve(config, Path(path)))
+        return asyncio.run(_serve(config, Path(path)))
+    except KeyboardInterrupt:  # a second Ctrl-C while draining: stop at once, quietly
+        return 130
+
+
+async def _serve(config: Config, path: Path) -> int:
+    """Run until SIGTERM or SIGINT, reloading on SIGHUP, then drain."""
+    server = Server(config, path)
+    try:
+        await server.start()
     except OSError as exc:
         print(f"{PROG}: cannot start: {exc}; is another proxy running on that port?", file=sys.stderr)
         return 1
-    return 0
-
-
-async def _serve(config: Config, path: Path) -> None:
-    """Run until SIGTERM or SIGINT, reloading on SIGHUP, then drain."""
-    server = Server(config, path)
-    await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -89,3 +91,4 @@ async def _serve(config: Config, path: Path) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()
+    return 0

@@ -4,8 +4,10 @@ in-band errors that end a response once a keep-alive 200 has gone out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -128,14 +130,18 @@ async def test_admitted_request_is_kept_alive_while_upstream_loads(sim, make_pro
     assert re.match(rb"(: running, waiting for upstream\n\n){3,}data: ", data)
 
 
-async def serve_upstream(handler) -> web.AppRunner:
-    """A hand-written upstream for timings the simulator does not offer."""
+@contextlib.asynccontextmanager
+async def hand_written_upstream(handler) -> AsyncIterator[str]:
+    """An upstream for timings the simulator does not offer; yields its URL."""
     app = web.Application()
     app.router.add_post("/api/generate", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 async def test_frames_mid_stream_go_only_between_lines(make_proxy, http):
@@ -153,15 +159,10 @@ async def test_frames_mid_stream_go_only_between_lines(make_proxy, http):
         )
         return resp
 
-    runner = await serve_upstream(stalling)
-    try:
-        proxy = await make_proxy(
-            upstream=f"http://127.0.0.1:{runner.addresses[0][1]}", heartbeat={"interval": "100ms"}
-        )
+    async with hand_written_upstream(stalling) as upstream:
+        proxy = await make_proxy(upstream=upstream, heartbeat={"interval": "100ms"})
         async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
             data = await resp.read()
-    finally:
-        await runner.cleanup()
     lines = data.splitlines(keepends=True)
     assert [json.loads(line) for line in lines]  # every line whole JSON
     assert lines[0].startswith(b'{"model":"llama3.2","created_at":"2024-01-01T00:00:00Z","response":"a"')
@@ -182,16 +183,11 @@ async def test_no_frame_is_added_to_a_body_upstream_sized_itself(make_proxy, htt
         await resp.write(body)
         return resp
 
-    runner = await serve_upstream(sized)
-    try:
-        proxy = await make_proxy(
-            upstream=f"http://127.0.0.1:{runner.addresses[0][1]}", heartbeat={"interval": "100ms"}
-        )
+    async with hand_written_upstream(sized) as upstream:
+        proxy = await make_proxy(upstream=upstream, heartbeat={"interval": "100ms"})
         async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
             assert await resp.read() == body
             assert resp.headers["Content-Length"] == str(len(body))
-    finally:
-        await runner.cleanup()
 
 
 # -- in-band errors after a keep-alive 200 -------------------------------------

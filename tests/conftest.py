@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import Server
@@ -82,6 +83,18 @@ async def running_proxy(config: Path) -> AsyncIterator[ProxyProcess]:
             proc.kill()
         await proc.wait()
         await reader
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, **runner_kwargs) -> AsyncIterator[str]:
+    """Serve a hand-written aiohttp app on a free loopback port; yields its URL."""
+    runner = web.AppRunner(app, **runner_kwargs)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture

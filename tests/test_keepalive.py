@@ -7,12 +7,11 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
-from .conftest import hold_the_slot, release
+from .conftest import hold_the_slot, release, serving
 
 T = rb'"created_at":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"'
 GENERATE_FRAME = re.compile(rb'\{"model":"llama3\.2",' + T + rb',"response":"","done":false\}\n')
@@ -130,18 +129,11 @@ async def test_admitted_request_is_kept_alive_while_upstream_loads(sim, make_pro
     assert re.match(rb"(: running, waiting for upstream\n\n){3,}data: ", data)
 
 
-@contextlib.asynccontextmanager
-async def hand_written_upstream(handler) -> AsyncIterator[str]:
+def hand_written_upstream(handler) -> contextlib.AbstractAsyncContextManager[str]:
     """An upstream for timings the simulator does not offer; yields its URL."""
     app = web.Application()
     app.router.add_post("/api/generate", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    return serving(app)
 
 
 async def test_frames_mid_stream_go_only_between_lines(make_proxy, http):

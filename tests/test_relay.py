@@ -16,7 +16,7 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .conftest import hold_the_slot, release, sample, scrape
+from .conftest import hold_the_slot, release, sample, scrape, serving
 
 MODEL = "llama3.2"
 #: What the client sends that no upstream may see (RFC 9110 7.6.1), besides Connection itself.
@@ -96,13 +96,8 @@ async def upstream() -> AsyncIterator[str]:
     app.router.add_get("/gzip", _gzip)
     app.router.add_get("/cookie", _cookie)
     app.router.add_route("*", "/{tail:.*}", _echo)
-    runner = web.AppRunner(app, access_log=None, auto_decompress=False)  # echo bodies as sent
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app, access_log=None, auto_decompress=False) as url:  # echo bodies as sent
+        yield url
 
 
 async def echoed(http: aiohttp.ClientSession, url: str | yarl.URL, **kwargs) -> dict:

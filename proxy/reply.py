@@ -19,7 +19,6 @@ from . import frames
 from .errors import ProxyError, error_response
 from .frames import Wire
 
-
 #: How much earlier than `heartbeat.interval` a frame is due: a share, capped.
 _EARLY = 0.05
 _MAX_EARLY = 0.25

@@ -86,6 +86,13 @@ class UpstreamStatus(UpstreamError):
         self.status = status
 
 
+class UpstreamEncoded(UpstreamError):
+    """Upstream compressed an answer whose uncompressed keep-alive 200 was already out."""
+
+    status = 502
+    kind = "status"
+
+
 def error_body(err: ProxyError, *, openai: bool) -> bytes:
     """Ollama's `{"error": "..."}`, or OpenAI's nested shape on `/v1/*`."""
     if openai:

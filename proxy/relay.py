@@ -16,7 +16,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import format_duration
-from .errors import UpstreamReset, UpstreamStatus, UpstreamTimeout, UpstreamUnreachable
+from .errors import (
+    UpstreamEncoded,
+    UpstreamReset,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .reply import Reply
 
 #: RFC 9110 section 7.6.1, plus the legacy ones Go's reverse proxy also strips.
@@ -107,6 +113,13 @@ async def relay(
             # A keep-alive 200 is already out; an error status can only go in-band.
             if upstream.status >= 400:
                 raise UpstreamStatus(upstream.status, await _error_message(upstream, timeout))
+            encoding = upstream.headers.get("Content-Encoding", "identity")
+            if encoding.lower() != "identity":
+                raise UpstreamEncoded(
+                    f"upstream compressed its answer (Content-Encoding: {encoding}) after keep-alive "
+                    "frames had begun it uncompressed; clients that wait in the queue must not send "
+                    "Accept-Encoding"
+                )
         while chunk := await _read(upstream, timeout):
             await reply.write(chunk)
         complete = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import re
 
@@ -251,3 +252,21 @@ async def test_upstream_silent_mid_stream_past_read_timeout_is_an_inband_504(sim
     lines = [json.loads(line) for line in data.splitlines()]
     assert "timeouts.read" in lines[-1]["error"]
     assert len(lines) == 2
+
+
+async def test_a_compressed_answer_after_keepalive_is_an_error_not_garbage(make_proxy, http):
+    """Ollama never compresses, but an upstream that does cannot follow a plain 200."""
+
+    async def late_gzip(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)  # long enough for keep-alive frames to start the 200
+        body = gzip.compress(b'{"model":"llama3.2","response":"x","done":true}\n')
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    async with hand_written_upstream(late_gzip) as upstream:
+        proxy = await make_proxy(upstream=upstream, heartbeat={"interval": "100ms"})
+        async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
+            data = await resp.read()
+    *frames, last = data.splitlines()
+    assert resp.status == 200 and "Content-Encoding" not in resp.headers
+    assert frames and all(GENERATE_FRAME.fullmatch(f + b"\n") for f in frames)
+    assert "Content-Encoding: gzip" in json.loads(last)["error"]

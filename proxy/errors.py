@@ -12,6 +12,10 @@ from typing import ClassVar
 
 from aiohttp import web
 
+#: Ollama's native handlers send JSON with a charset; its OpenAI layer without.
+JSON_NATIVE = "application/json; charset=utf-8"
+JSON_OPENAI = "application/json"
+
 
 class ProxyError(Exception):
     """A failure with a status, a metrics reason and a message meant for people."""
@@ -104,11 +108,9 @@ def error_body(err: ProxyError, *, openai: bool) -> bytes:
 
 def error_response(err: ProxyError, *, openai: bool) -> web.Response:
     """The whole response for a failure noticed before any header was sent."""
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else {}
     return web.Response(
         status=err.status,
         body=error_body(err, openai=openai),
-        content_type="application/json",
-        charset=None if openai else "utf-8",  # as Ollama's OpenAI layer and native API do
-        headers=headers,
+        headers={"Content-Type": JSON_OPENAI if openai else JSON_NATIVE, **headers},
     )

@@ -11,7 +11,7 @@ import enum
 import json
 from datetime import UTC, datetime
 
-from .errors import ProxyError
+from .errors import JSON_NATIVE, JSON_OPENAI, ProxyError
 
 
 class Wire(enum.Enum):
@@ -33,10 +33,6 @@ def content_type(wire: Wire, *, openai: bool) -> str:
     if wire is Wire.JSON:
         return JSON_OPENAI if openai else JSON_NATIVE
     return "application/x-ndjson"
-
-
-JSON_NATIVE = "application/json; charset=utf-8"
-JSON_OPENAI = "application/json"
 
 
 def _dumps(payload: object) -> bytes:

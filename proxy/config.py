@@ -10,12 +10,13 @@ attempt. Each problem names its YAML path so it can be found in the file.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,12 +44,23 @@ __all__ = [
 ]
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _loopback() -> tuple[IPNetwork, ...]:
+    return (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     """Where apps and the tunnel connect."""
 
     host: str = "127.0.0.1"
     port: int = 11435
+    #: Client connections open at once; the next one is refused before its request is read.
+    max_connections: int = 1024
+    #: Peers (cloudflared, a load balancer) whose CF-Connecting-IP / X-Forwarded-For name the client.
+    trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=_loopback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +80,7 @@ class UpstreamConfig:
     url: str = "http://127.0.0.1:11434"
 
 
-def _no_models() -> Mapping[str, int]:
+def _empty_mapping() -> Mapping[str, Any]:
     # A factory because dataclasses refuse an unhashable default, and a
     # read-only view so a shared Config cannot be changed behind its owner's back.
     return MappingProxyType({})
@@ -81,7 +93,7 @@ class LimitsConfig:
     max_concurrent: int = 3
     max_queue: int = 100
     queue_timeout: float = 600.0
-    models: Mapping[str, int] = field(default_factory=_no_models)
+    models: Mapping[str, int] = field(default_factory=_empty_mapping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +117,39 @@ class RequestConfig:
     """Request body limit in bytes."""
 
     max_body: int = 64 * 1024 * 1024
+    #: The whole body must arrive within this; a trickling client is cut off before it queues.
+    body_timeout: float = 60.0
+    #: The request line and each header line; longer ones get 431 (aiohttp's own limit is 8190).
+    max_header_size: int = 8 * 1024
+    #: Before the headers are complete; an idle keep-alive connection has the same bound.
+    header_timeout: float = 10.0
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """How the proxy logs: one line per event, as text or JSON (for log shippers)."""
+
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """Who may use the listen port, and for what.
+
+    `keys` maps a key's name (what logs and metrics show) to the key itself;
+    it holds the inline keys and those read from `keys_file`, so the rest of
+    the proxy never reads files or the environment. Never in a repr.
+    """
+
+    admin_endpoints: str = "deny"
+    keys: Mapping[str, str] = field(default_factory=_empty_mapping, repr=False)
+    keys_file: str = ""
+    max_queued_per_key: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +171,8 @@ class Config:
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     request: RequestConfig = field(default_factory=RequestConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     shutdown_grace: float = 30.0
 
 
@@ -339,6 +386,12 @@ def _to_host(value: object) -> str:
     return value
 
 
+def _to_path(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid('must be a file path, or "" for none')
+    return value
+
+
 def _to_bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise _Invalid("must be true or false")
@@ -374,10 +427,10 @@ def _to_metrics_path(value: object) -> str:
 def _check_models(value: object, path: str, problems: list[str]) -> Mapping[str, int]:
     """Per-model caps: each name checked on its own line so every bad entry shows."""
     if value is None:
-        return _no_models()
+        return _empty_mapping()
     if not isinstance(value, dict):
         problems.append(f"{path}: must be a mapping of model name to cap (got {_show(value)})")
-        return _no_models()
+        return _empty_mapping()
     cap = _integer(1)
     models: dict[str, int] = {}
     for name, limit in value.items():
@@ -386,6 +439,110 @@ def _check_models(value: object, path: str, problems: list[str]) -> Mapping[str,
             continue
         models[name] = cap(limit, _join(path, name), problems)
     return MappingProxyType(models)
+
+
+def _choice(*options: str) -> _Check:
+    def convert(value: object) -> str:
+        if value not in options:
+            raise _Invalid("must be one of " + ", ".join(options))
+        return str(value)
+
+    return _scalar(convert)
+
+
+def _to_networks(value: object) -> tuple[IPNetwork, ...]:
+    requirement = "must be a list of IP addresses or networks, such as [127.0.0.1, 10.0.0.0/8]"
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise _Invalid(requirement)
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in items)
+    except ValueError:
+        raise _Invalid(requirement) from None
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: What an `Authorization: Bearer` token may hold (RFC 6750's b64token).
+_KEY_SHAPE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _resolve_key(value: object, path: str, problems: list[str]) -> str | None:
+    """A key, with a whole-value `${VAR}` reference read from the environment,
+    so secrets can stay out of the file."""
+    if not isinstance(value, str) or not value:
+        problems.append(f"{path}: must be a non-empty string (got {_kind(value)})")
+        return None
+    reference = _ENV_REFERENCE.fullmatch(value)
+    if reference:
+        value = os.environ.get(reference.group(1), "")
+        if not value:
+            problems.append(f"{path}: environment variable {reference.group(1)} is not set or empty")
+            return None
+    if not _KEY_SHAPE.fullmatch(value):
+        # Never echo the key itself: the message ends up in logs.
+        problems.append(f"{path}: a key may hold only letters, digits and -._~+/ (and trailing =)")
+        return None
+    return value
+
+
+def _check_keys(value: object, path: str, problems: list[str]) -> Mapping[str, str]:
+    """`{name: key}`, or a plain list of keys named by their place (`keys[0]`)."""
+    if value is None:
+        return _empty_mapping()
+    if isinstance(value, list):
+        entries = [(f"keys[{i}]", key, f"{path}[{i}]") for i, key in enumerate(value)]
+    elif isinstance(value, dict):
+        entries = [(name, key, _join(path, name)) for name, key in value.items()]
+    else:
+        problems.append(f"{path}: must be a mapping of name to key, or a list of keys (got {_show(value)})")
+        return _empty_mapping()
+    keys: dict[str, str] = {}
+    for name, key, where in entries:
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{path}: key names must be non-empty strings (got {_show(name)})")
+            continue
+        resolved = _resolve_key(key, where, problems)
+        if resolved is not None:
+            keys[name] = resolved
+    return MappingProxyType(keys)
+
+
+def _read_keys_file(path: str, problems: list[str]) -> dict[str, str]:
+    """One key per line, optionally preceded by its name (`alice KEY`); `#` starts a comment."""
+    where = "access.keys_file"
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        problems.append(f"{where}: cannot read {path}: {reason}")
+        return {}
+    keys: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            problems.append(f"{where}: {path} line {number}: expected KEY or NAME KEY")
+            continue
+        name = fields[0] if len(fields) == 2 else f"{os.path.basename(path)}:{number}"
+        resolved = _resolve_key(fields[-1], f"{where}: {path} line {number}", problems)
+        if resolved is not None:
+            keys[name] = resolved
+    return keys
+
+
+def _merge_keys(access: AccessConfig, base: str, problems: list[str]) -> AccessConfig:
+    """Add the keys file to the inline keys; a name or key given twice is a mistake."""
+    keys = dict(access.keys)
+    if access.keys_file:
+        for name, key in _read_keys_file(os.path.join(base, access.keys_file), problems).items():
+            if name in keys:
+                problems.append(f"access.keys_file: the name {name!r} is also used in access.keys")
+            keys[name] = key
+    if len(set(keys.values())) != len(keys):
+        problems.append("access.keys: two names share one key; give every client its own key")
+    return replace(access, keys=MappingProxyType(keys))
 
 
 def _unknown_key(path: str, key: object, valid: list[str]) -> str:
@@ -423,7 +580,15 @@ _host = _scalar(_to_host)
 _CONFIG = _section(
     Config,
     {
-        "listen": _section(ListenConfig, {"host": _host, "port": _port}),
+        "listen": _section(
+            ListenConfig,
+            {
+                "host": _host,
+                "port": _port,
+                "max_connections": _integer(1),
+                "trusted_proxies": _scalar(_to_networks),
+            },
+        ),
         "admin": _section(AdminConfig, {"host": _host, "port": _port}),
         "upstream": _section(UpstreamConfig, {"url": _scalar(_to_url)}),
         "limits": _section(
@@ -443,8 +608,26 @@ _CONFIG = _section(
             HeartbeatConfig,
             {"interval": _duration(allow_zero=False), "non_streaming": _scalar(_to_bool)},
         ),
-        "request": _section(RequestConfig, {"max_body": _scalar(_to_size)}),
+        "request": _section(
+            RequestConfig,
+            {
+                "max_body": _scalar(_to_size),
+                "body_timeout": _duration(allow_zero=False),
+                "max_header_size": _scalar(_to_size),
+                "header_timeout": _duration(allow_zero=False),
+            },
+        ),
         "metrics": _section(MetricsConfig, {"path": _scalar(_to_metrics_path)}),
+        "log": _section(LogConfig, {"level": _choice(*LOG_LEVELS), "format": _choice(*LOG_FORMATS)}),
+        "access": _section(
+            AccessConfig,
+            {
+                "admin_endpoints": _choice("deny", "allow"),
+                "keys": _check_keys,
+                "keys_file": _scalar(_to_path),
+                "max_queued_per_key": _integer(0),
+            },
+        ),
         "shutdown_grace": _duration(allow_zero=True),
     },
 )
@@ -464,15 +647,18 @@ def _same_socket(config: Config) -> bool:
     return len(hosts) == 1 or bool(hosts & _WILDCARD_HOSTS)
 
 
-def config_from_dict(data: object, source: str = "config") -> Config:
+def config_from_dict(data: object, source: str = "config", base: str = ".") -> Config:
     """Validate parsed YAML into a `Config`, raising one `ConfigError` that
     lists every problem. `source` names the whole document (usually the file)
     in the one problem that has no YAML path: a top level that is not a mapping.
+    A relative `access.keys_file` is found from `base` (the config file's folder).
     """
     if data is not None and not isinstance(data, dict):
         raise ConfigError([f"{source}: must be a mapping (got {_show(data)})"])
     problems: list[str] = []
     config: Config = _CONFIG(data, "", problems)
+    if config.access is not None:
+        config = replace(config, access=_merge_keys(config.access, base, problems))
     if _same_socket(config):
         problems.append(
             f"admin.port: must differ from listen.port on the same host (got {config.admin.port})"
@@ -543,7 +729,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
     except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. a date like 2024-13-45
         raise ConfigError([f"{name}: {_yaml_problem(err)}"]) from None
-    return config_from_dict(data, source=name)
+    return config_from_dict(data, source=name, base=os.path.dirname(os.path.abspath(name)))
 
 
 # --- Summary ----------------------------------------------------------------
@@ -587,6 +773,13 @@ def _format_address(host: str, port: int) -> str:
     return f"{shown}:{port}" if port else f"{shown}:0 (any free port)"
 
 
+def _describe_keys(access: AccessConfig) -> str:
+    if not access.keys:
+        return "none (no authentication on the listen port)"
+    per_key = f", at most {access.max_queued_per_key} waiting per key" if access.max_queued_per_key else ""
+    return f"{len(access.keys)} ({', '.join(access.keys)}){per_key}"
+
+
 def summary(config: Config) -> str:
     """The effective limits, one per line and labelled by YAML path, so what
     `check-config` prints can be matched against the file at a glance."""
@@ -596,6 +789,7 @@ def summary(config: Config) -> str:
     admin = _format_address(config.admin.host, config.admin.port)
     rows = [
         ("listen", _format_address(config.listen.host, config.listen.port)),
+        ("listen.max_connections", str(config.listen.max_connections)),
         ("admin", f"{admin}  ({config.metrics.path} and /-/*)"),
         ("upstream.url", config.upstream.url),
         ("limits.max_concurrent", f"{limits.max_concurrent} generation requests at once"),
@@ -612,7 +806,11 @@ def summary(config: Config) -> str:
         ("heartbeat.interval", format_duration(config.heartbeat.interval)),
         ("heartbeat.non_streaming", non_streaming),
         ("request.max_body", format_size(config.request.max_body)),
+        ("request.body_timeout", format_duration(config.request.body_timeout)),
         ("metrics.path", config.metrics.path),
+        ("log", f"{config.log.format}, level {config.log.level}"),
+        ("access.admin_endpoints", config.access.admin_endpoints),
+        ("access.keys", _describe_keys(config.access)),
         ("shutdown_grace", format_duration(config.shutdown_grace)),
     ]
     width = max(len(label) for label, _ in rows)

@@ -411,3 +411,77 @@ def test_summary_shows_model_caps_and_small_units() -> None:
     assert any(line.startswith("heartbeat.interval") and line.endswith(" 250ms") for line in lines)
     assert any(line.startswith("request.max_body") and line.endswith(" 512 KiB") for line in lines)
     assert any(line.startswith("shutdown_grace") and line.endswith(" 0s") for line in lines)
+
+
+# --- access, log and the hostile-client bounds ------------------------------
+
+
+def test_keys_inline_list_env_and_file_merge_under_their_names(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PROXY_TEST_KEY", "from-env-0123")
+    (tmp_path / "keys.txt").write_text("# team keys\nalice alice-key-1\n\nbare-key-2  # no name\n")
+    path = write(
+        tmp_path,
+        "access:\n  keys: {ci: '${PROXY_TEST_KEY}', bob: bob-key}\n  keys_file: keys.txt\n",
+    )
+    keys = dict(load_config(path).access.keys)
+    assert keys == {
+        "ci": "from-env-0123",
+        "bob": "bob-key",
+        "alice": "alice-key-1",
+        "keys.txt:4": "bare-key-2",
+    }
+    listed = config_from_dict({"access": {"keys": ["k-one", "k-two"]}}).access.keys
+    assert dict(listed) == {"keys[0]": "k-one", "keys[1]": "k-two"}
+
+
+def test_keys_never_appear_in_repr_or_problems(tmp_path: Path) -> None:
+    config = config_from_dict({"access": {"keys": {"alice": "sekrit-value"}}})
+    assert "sekrit" not in repr(config)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"access": {"keys": {"alice": "has space sekrit", "bob": "${NOT_SET_ANYWHERE_X}"}}})
+    text = "\n".join(err.value.problems)
+    assert "sekrit" not in text
+    assert "access.keys.alice: a key may hold only" in text
+    assert "access.keys.bob: environment variable NOT_SET_ANYWHERE_X is not set or empty" in text
+
+
+def test_keys_file_problems_name_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "keys.txt").write_text("a b c\nsame k1\nother k1\n")
+    path = write(tmp_path, "access:\n  keys_file: keys.txt\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = "\n".join(err.value.problems)
+    assert "keys.txt line 1: expected KEY or NAME KEY" in text
+    assert "two names share one key" in text
+    missing = write(tmp_path, "access:\n  keys_file: nowhere.txt\n")
+    with pytest.raises(ConfigError, match=r"access.keys_file: cannot read .*nowhere.txt"):
+        load_config(missing)
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        ({"log": {"format": "xml"}}, 'log.format: must be one of text, json (got "xml")'),
+        ({"log": {"level": "loud"}}, 'log.level: must be one of debug, info, warning, error (got "loud")'),
+        (
+            {"access": {"admin_endpoints": True}},
+            "access.admin_endpoints: must be one of deny, allow (got true)",
+        ),
+        (
+            {"access": {"max_queued_per_key": -1}},
+            "access.max_queued_per_key: must be an integer >= 0 (got -1)",
+        ),
+        ({"listen": {"max_connections": 0}}, "listen.max_connections: must be an integer >= 1 (got 0)"),
+        ({"listen": {"trusted_proxies": ["nope"]}}, "listen.trusted_proxies: must be a list of IP addresses"),
+        ({"request": {"body_timeout": 0}}, "request.body_timeout: must be a duration > 0"),
+    ],
+)
+def test_new_keys_are_validated(data: dict, line: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert any(problem.startswith(line) for problem in err.value.problems), err.value.problems
+
+
+def test_trusted_proxies_accept_addresses_and_networks() -> None:
+    config = config_from_dict({"listen": {"trusted_proxies": ["10.0.0.0/8", "192.168.1.7", "fd00::/8"]}})
+    assert [str(n) for n in config.listen.trusted_proxies] == ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]

@@ -23,7 +23,7 @@ from collections import Counter
 
 from .classify import canonical_model
 from .config import LimitsConfig, format_duration
-from .errors import QueueFull, QueueTimeout
+from .errors import OwnerQueueFull, QueueFull, QueueTimeout
 
 #: Without any finished request to learn from, suggest retrying after this.
 _DEFAULT_RETRY_AFTER = 10
@@ -33,12 +33,14 @@ _MAX_RETRY_AFTER = 600
 class Slot:
     """One request's place: waiting, then running, then released."""
 
-    __slots__ = ("_admission", "model", "key", "enqueued_at", "admitted_at", "_future", "_timer")
+    __slots__ = ("_admission", "model", "key", "owner", "enqueued_at", "admitted_at", "_future", "_timer")
 
-    def __init__(self, admission: Admission, model: str) -> None:
+    def __init__(self, admission: Admission, model: str, owner: str = "") -> None:
         self._admission = admission
         self.model = model
         self.key = canonical_model(model)
+        #: Who asked (a client key's name), for the per-key queue bound and the queue page.
+        self.owner = owner
         self.enqueued_at = asyncio.get_running_loop().time()
         self.admitted_at: float | None = None
         self._future: asyncio.Future[None] | None = None
@@ -65,25 +67,28 @@ class Slot:
 class Admission:
     """The global and per-model limits, and the FIFO of requests waiting for them."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: LimitsConfig, max_queued_per_owner: int = 0) -> None:
         self._limits = limits
         self._caps = _caps(limits)
+        self._per_owner = max_queued_per_owner
         self._running: Counter[str] = Counter()
-        self._total = 0
-        # A dict is an insertion-ordered set: O(1) removal of a cancelled waiter.
+        # Dicts as insertion-ordered sets: O(1) removal, arrival order kept.
+        self._holding: dict[Slot, None] = {}
         self._waiters: dict[Slot, None] = {}
         self._avg_hold: float | None = None
 
-    def slot(self, model: str) -> Slot:
-        return Slot(self, model)
+    def slot(self, model: str, owner: str = "") -> Slot:
+        return Slot(self, model, owner)
 
-    def configure(self, limits: LimitsConfig) -> None:
+    def configure(self, limits: LimitsConfig, max_queued_per_owner: int = 0) -> None:
         """Apply new limits at once: waiting requests keep their place and arrival time.
 
         Lowering a limit never stops a running request; it only admits fewer.
+        A lower per-owner bound applies to newcomers; nobody already waiting is dropped.
         """
         self._limits = limits
         self._caps = _caps(limits)
+        self._per_owner = max_queued_per_owner
         loop = asyncio.get_running_loop()
         for slot in list(self._waiters):
             if slot._timer is not None:
@@ -94,12 +99,29 @@ class Admission:
     # -- views, for metrics and the queue page ---------------------------------
 
     @property
+    def limits(self) -> LimitsConfig:
+        return self._limits
+
+    @property
     def max_concurrent(self) -> int:
         return self._limits.max_concurrent
 
     @property
     def running_total(self) -> int:
-        return self._total
+        return len(self._holding)
+
+    def running(self) -> list[Slot]:
+        """Slots held now, in the order they were granted."""
+        return list(self._holding)
+
+    def waiting(self) -> list[Slot]:
+        """Slots waiting now, in queue order (index + 1 is the position)."""
+        return list(self._waiters)
+
+    def oldest_wait(self) -> float:
+        """Seconds the head of the queue has waited; 0 when nobody waits."""
+        head = next(iter(self._waiters), None)
+        return 0.0 if head is None else head.waited
 
     @property
     def waiting_total(self) -> int:
@@ -121,13 +143,13 @@ class Admission:
     # -- the slot protocol ------------------------------------------------------
 
     def _has_room(self, key: str) -> bool:
-        if self._total >= self._limits.max_concurrent:
+        if len(self._holding) >= self._limits.max_concurrent:
             return False
         cap = self._caps.get(key)
         return cap is None or self._running[key] < cap
 
     def _take(self, slot: Slot) -> None:
-        self._total += 1
+        self._holding[slot] = None
         self._running[slot.key] += 1
         slot.admitted_at = asyncio.get_running_loop().time()
 
@@ -142,6 +164,14 @@ class Admission:
                 "retry later, or raise limits.max_queue",
                 retry_after=self.retry_after(),
             )
+        if self._per_owner and slot.owner:
+            mine = sum(1 for other in self._waiters if other.owner == slot.owner)
+            if mine >= self._per_owner:
+                raise OwnerQueueFull(
+                    f"key {slot.owner!r} already has {mine} requests waiting, "
+                    f"access.max_queued_per_key={self._per_owner}; wait for them to finish",
+                    retry_after=self.retry_after(),
+                )
         loop = asyncio.get_running_loop()
         slot._future = loop.create_future()
         slot._timer = loop.call_at(slot.enqueued_at + limits.queue_timeout, self._expire, slot)
@@ -169,7 +199,7 @@ class Admission:
         hold = loop.time() - slot.admitted_at
         self._avg_hold = hold if self._avg_hold is None else 0.8 * self._avg_hold + 0.2 * hold
         slot.admitted_at = None
-        self._total -= 1
+        del self._holding[slot]
         self._running[slot.key] -= 1
         if not self._running[slot.key]:
             del self._running[slot.key]
@@ -182,7 +212,7 @@ class Admission:
         admitted: list[Slot] = []
         gone: list[Slot] = []
         for slot in self._waiters:
-            if self._total >= self._limits.max_concurrent:
+            if len(self._holding) >= self._limits.max_concurrent:
                 break
             future = slot._future
             if future is None or future.done():

@@ -44,6 +44,37 @@ class TooLarge(ProxyError):
     openai_type = "invalid_request_error"
 
 
+class BodyTimeout(ProxyError):
+    status = 408
+    reason = "body_timeout"
+    openai_type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    reason = "unauthorized"
+    openai_type = "invalid_request_error"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    reason = "forbidden"
+    openai_type = "invalid_request_error"
+
+
+class OwnerQueueFull(ProxyError):
+    """One client key has as many requests waiting as it may: its own 429, not everyone's 503."""
+
+    status = 429
+    reason = "key_queue_full"
+    openai_type = "rate_limit_error"
+
+
+class Draining(ProxyError):
+    status = 503
+    reason = "draining"
+
+
 class QueueFull(ProxyError):
     status = 503
     reason = "queue_full"

@@ -23,7 +23,10 @@ DURATION_BUCKETS = (
 #: Distinct model names a client can create as labels before the rest become "other".
 EXTRA_MODEL_LABELS = 50
 
-REJECT_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large")
+REJECT_REASONS = (
+    "queue_full", "queue_timeout", "bad_request", "too_large",
+    "body_timeout", "unauthorized", "forbidden", "key_queue_full", "draining",
+)  # fmt: skip
 DISCONNECT_PHASES = ("queued", "running")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "status")
 

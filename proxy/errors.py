@@ -75,6 +75,13 @@ class Draining(ProxyError):
     reason = "draining"
 
 
+class ShuttingDown(ProxyError):
+    """The drain's grace ran out while this request was still unfinished."""
+
+    status = 503
+    reason = "shutdown"
+
+
 class QueueFull(ProxyError):
     status = 503
     reason = "queue_full"

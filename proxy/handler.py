@@ -5,20 +5,35 @@ the keep-alive beat and the admission slot are `async with` blocks, and the
 relay closes its upstream response in `finally`. The server runs with
 `handler_cancellation=True`, so a client that vanishes cancels this coroutine
 wherever it is waiting, and the same unwinding frees slot and socket.
+
+What happened is written into one `Exchange` and handed to the observers
+(metrics, access log) once, in `finally`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 
 import aiohttp
 from aiohttp import web
 
 from . import classify
 from .admission import Slot
-from .config import Config, format_size
-from .errors import BadRequest, ProxyError, TooLarge, UpstreamError, error_response
+from .config import Config, format_duration, format_size
+from .errors import (
+    BadRequest,
+    BodyTimeout,
+    Draining,
+    ProxyError,
+    ShuttingDown,
+    TooLarge,
+    UpstreamError,
+    error_response,
+)
+from .exchange import CLIENT_GONE, Exchange
 from .frames import Wire
 from .relay import relay
 from .reply import Reply
@@ -26,29 +41,36 @@ from .state import STATE, ProxyState
 
 log = logging.getLogger("proxy.handler")
 
-#: Status recorded for a client that left before its response ended (nginx's convention).
-CLIENT_GONE = 499
-
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     config = state.config  # one view for the whole request, even across a reload
     loop = asyncio.get_running_loop()
-    started_at = loop.time()
+    task = asyncio.current_task()
+    assert task is not None
     route = classify.route(request.method, request.path)
-    model = ""
-    phase = "queued" if route.queued else "running"
-    code = CLIENT_GONE
+    ex = Exchange(
+        method=request.method,
+        path=request.path,
+        client=request.remote or "unknown",
+        arrived=time.time(),
+        started=loop.time(),
+        endpoint=route.endpoint,
+        phase="queued" if route.queued else "running",
+    )
     reply: Reply | None = None
+    state.enter(task)
     try:
-        body = await read_body(request, config.request.max_body)
+        if state.draining:
+            raise _draining(state)
+        body = await _read_body(request, config)
         if not route.queued:
             reply = Reply(request, openai=route.openai)
-            code = await _relay(state, config, request, body, reply)
-            return await reply.finish()
+            ex.status = await _relay(state, config, request, body, reply)
+            return await _finish(reply, ex)
 
         job = classify.job(route, body)
-        model = classify.canonical_model(job.model)
+        ex.model = classify.canonical_model(job.model)
         beats = job.wire is not Wire.JSON or config.heartbeat.non_streaming
         reply = Reply(
             request,
@@ -58,28 +80,60 @@ async def handle(request: web.Request) -> web.StreamResponse:
             interval=config.heartbeat.interval if beats else 0.0,
             on_frame=state.metrics.heartbeats.inc,
         )
-        slot = state.admission.slot(job.model)
-        async with reply.keepalive(lambda: _note(slot)):
-            async with slot:
-                phase = "running"
-                state.metrics.queue_wait.labels(state.metrics.model_label(model)).observe(slot.waited)
-                code = await _relay(state, config, request, body, reply)
-        return await reply.finish()
+        slot = state.admission.slot(job.model, ex.owner)
+        try:
+            async with reply.keepalive(lambda: _note(slot)):
+                async with slot:
+                    ex.phase = "running"
+                    ex.waited = slot.waited
+                    reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
+                    state.metrics.queue_wait.labels(state.metrics.model_label(ex.model)).observe(slot.waited)
+                    ex.status = await _relay(state, config, request, body, reply)
+        finally:
+            if ex.waited is None:  # never admitted: the wait ended some other way
+                reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
+        return await _finish(reply, ex)
     except ProxyError as err:
-        code = err.status
+        ex.status, ex.outcome = err.status, _outcome(err)
         _count_failure(state, err, request)
-        return await reply.fail(err) if reply else error_response(err, openai=route.openai)
+        response = await reply.fail(err) if reply else error_response(err, openai=route.openai)
+        if isinstance(err, TooLarge | BodyTimeout):
+            response.force_close()  # the rest of the body is not worth reading
+        return response
     except (asyncio.CancelledError, ConnectionResetError) as exc:
-        state.metrics.disconnects.labels(phase).inc()
-        log.info("client gone: %s %s model=%s phase=%s", request.method, request.path, model or "-", phase)
+        if state.stopping and isinstance(exc, asyncio.CancelledError) and task.uncancel() == 0:
+            return await _cut_at_shutdown(state, request, reply, route.openai, ex)
+        state.metrics.disconnects.labels(ex.phase).inc()
+        log.info(
+            "client gone: %s %s model=%s phase=%s", request.method, request.path, ex.model or "-", ex.phase
+        )
         if isinstance(exc, asyncio.CancelledError):
             raise
         return reply.response if reply and reply.response else web.Response(status=CLIENT_GONE)
     finally:
-        m = state.metrics
-        label = m.model_label(model)
-        m.requests.labels(route.endpoint, label, str(code)).inc()
-        m.duration.labels(route.endpoint, label).observe(loop.time() - started_at)
+        state.leave(task)
+        ex.duration = loop.time() - ex.started
+        ex.sent = reply.sent if reply else ex.sent
+        state.metrics.observe(ex)
+
+
+async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:
+    response = await reply.finish()
+    ex.outcome = "ok" if ex.status < 400 else "upstream_status"
+    return response
+
+
+async def _read_body(request: web.Request, config: Config) -> bytes:
+    """The whole body within `request.body_timeout`, so a trickling client never reaches the queue."""
+    deadline = config.request.body_timeout
+    try:
+        async with asyncio.timeout(deadline):
+            return await read_body(request, config.request.max_body)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within request.body_timeout={format_duration(deadline)}; "
+            "send the whole body at once"
+        ) from None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -110,6 +164,29 @@ async def _relay(state: ProxyState, config: Config, request: web.Request, body: 
     return status
 
 
+async def _cut_at_shutdown(
+    state: ProxyState, request: web.Request, reply: Reply | None, openai: bool, ex: Exchange
+) -> web.StreamResponse:
+    """The grace ran out with this request unfinished: say so, in-band if a response is out."""
+    grace = format_duration(state.config.shutdown_grace)
+    err = ShuttingDown(
+        f"the proxy is shutting down and this request did not finish within shutdown_grace={grace}; retry it",
+        retry_after=1,
+    )
+    ex.status, ex.outcome = err.status, "shutdown"
+    log.warning(
+        "cut at shutdown: %s %s model=%s phase=%s", request.method, request.path, ex.model or "-", ex.phase
+    )
+    return await reply.fail(err) if reply else error_response(err, openai=openai)
+
+
+def _draining(state: ProxyState) -> Draining:
+    return Draining(
+        "the proxy is shutting down and takes no new requests; retry shortly",
+        retry_after=max(1, math.ceil(state.config.shutdown_grace)),
+    )
+
+
 def _note(slot: Slot) -> str:
     place = slot.position()
     if place is None:
@@ -122,6 +199,10 @@ def _too_large(limit: int) -> TooLarge:
         f"request body is larger than request.max_body={format_size(limit)}; "
         "send a smaller body or raise request.max_body"
     )
+
+
+def _outcome(err: ProxyError) -> str:
+    return "upstream_error" if isinstance(err, UpstreamError) else err.reason
 
 
 def _count_failure(state: ProxyState, err: ProxyError, request: web.Request) -> None:

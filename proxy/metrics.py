@@ -15,6 +15,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .exchange import Exchange
+
 #: Generations take minutes; the buckets must reach well past 300 s.
 DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60,
@@ -108,6 +110,12 @@ class Metrics:
             self.upstream_errors.labels(kind)
         for result in ("success", "failure"):
             self.reloads.labels(result)
+
+    def observe(self, ex: Exchange) -> None:
+        """Count one finished request."""
+        label = self.model_label(ex.model)
+        self.requests.labels(ex.endpoint, label, str(ex.status)).inc()
+        self.duration.labels(ex.endpoint, label).observe(ex.duration)
 
     def watch(self, queue: QueueState) -> None:
         """Publish the queue gauges, read from `queue` at every scrape."""

@@ -50,6 +50,10 @@ class Reply:
         self._tail = b""  # last bytes of upstream data, for boundary checks
         #: Set once a status line is out; from then on failures go in-band.
         self.response: web.StreamResponse | None = None
+        #: Added to the status line whoever sends it first (upstream's or an error's), not to keep-alive.
+        self.headers: dict[str, str] = {}
+        #: Body bytes written to the client, keep-alive frames and in-band errors included.
+        self.sent = 0
 
     async def start(self, status: int, headers: Mapping[str, str]) -> bool:
         """Send upstream's status and headers, unless a keep-alive 200 beat them to it."""
@@ -60,13 +64,16 @@ class Reply:
                 # Upstream frames this body itself: a frame or an in-band error
                 # added to it would corrupt it. A failure now can only cut it off.
                 self._wire = None
-            await self._prepare(web.StreamResponse(status=status, headers=headers))
+            response = web.StreamResponse(status=status, headers=headers)
+            response.headers.update(self.headers)
+            await self._prepare(response)
             return True
 
     async def write(self, chunk: bytes) -> None:
         async with self._lock:
             assert self.response is not None, "start() before write()"
             await self.response.write(chunk)
+            self.sent += len(chunk)
             self._last_sent = self._loop.time()
             self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]
 
@@ -85,10 +92,15 @@ class Reply:
         """
         async with self._lock:
             if self.response is None:
-                return error_response(err, openai=self._openai)
+                response = error_response(err, openai=self._openai)
+                response.headers.update(self.headers)
+                self.sent = len(response.body or b"")
+                return response
             if self._wire is not None and frames.at_boundary(self._wire, self._tail):
                 with contextlib.suppress(ConnectionResetError):  # the client left too
-                    await self.response.write(frames.inband_error(self._wire, err, openai=self._openai))
+                    error = frames.inband_error(self._wire, err, openai=self._openai)
+                    await self.response.write(error)
+                    self.sent += len(error)
                     await self.response.write_eof()
             elif self._request.transport is not None:
                 self._request.transport.close()
@@ -138,7 +150,9 @@ class Reply:
                 )
             )
         assert self.response is not None
-        await self.response.write(frames.keepalive(wire, self._model, note))
+        frame = frames.keepalive(wire, self._model, note)
+        await self.response.write(frame)
+        self.sent += len(frame)
         self._last_sent = self._loop.time()
         self._on_frame()
 

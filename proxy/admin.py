@@ -44,6 +44,14 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "upstream": url, "upstream_version": version})
 
 
+async def reload(request: web.Request) -> web.Response:
+    """The same as SIGHUP, for operators and scripts that cannot send signals."""
+    problems = request.app[STATE].reload()
+    if problems:
+        return web.json_response({"status": "failed", "problems": problems}, status=400)
+    return web.json_response({"status": "reloaded"})
+
+
 def _not_ready(reason: str) -> web.Response:
     return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
@@ -52,3 +60,4 @@ def add_routes(app: web.Application, metrics_path: str) -> None:
     app.router.add_get(metrics_path, metrics)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
+    app.router.add_post("/-/reload", reload)

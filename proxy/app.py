@@ -7,10 +7,11 @@ the tunnel, whatever the Host header or path tricks.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +19,7 @@ from aiohttp import web
 from . import admin
 from .admission import Admission
 from .classify import canonical_model
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, format_duration, load_config
 from .handler import handle
 from .metrics import Metrics
 from .state import STATE, ProxyState
@@ -27,8 +28,10 @@ log = logging.getLogger("proxy")
 
 #: The client library must not add headers the client did not send.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-#: Bound when the listeners start; a reload keeps the running values.
-_RESTART_KEYS = ("listen", "admin", "metrics", "shutdown_grace")
+#: After the grace, how long cut requests get to write their error and end.
+_CUT_TIMEOUT = 2.0
+#: How often `--watch` looks at the config file.
+WATCH_INTERVAL = 1.0
 _ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
 
 
@@ -74,15 +77,15 @@ class Server:
 
     def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
         metrics = Metrics(canonical_model(name) for name in config.limits.models)
-        admission = Admission(config.limits)
+        admission = Admission(config.limits, config.access.max_queued_per_key)
         metrics.watch(admission)
-        self.state = ProxyState(config=config, admission=admission, metrics=metrics)
+        self.state = ProxyState(config=config, admission=admission, metrics=metrics, reload=self.reload)
         self._config_path = config_path
         self._proxy = web.AppRunner(
             build_proxy_app(self.state),
             handler_cancellation=True,
             auto_decompress=False,  # a compressed request body is relayed as it came
-            shutdown_timeout=config.shutdown_grace,
+            shutdown_timeout=_CUT_TIMEOUT,  # stop() drains first; this only bounds the close
             access_log_format=_ACCESS_LOG_FORMAT,
         )
         self._admin = web.AppRunner(build_admin_app(self.state), access_log=None)
@@ -111,14 +114,35 @@ class Server:
         )  # fmt: skip
 
     async def stop(self) -> None:
-        """Drain: refuse new connections, let admitted and queued requests finish
-        within `shutdown_grace`, then cancel what is left."""
-        self.state.draining = True
-        admission = self.state.admission
+        """Drain, then close: refuse new requests with 503 while admitted and queued
+        ones finish within `shutdown_grace`; cut what is left with an error.
+
+        The listeners stay open during the drain so that a new request gets a
+        clear 503 with Retry-After rather than a refused connection.
+        """
+        state = self.state
+        state.draining = True
+        grace = state.config.shutdown_grace
+        admission = state.admission
         log.info(
-            "draining: %d running, %d waiting, grace %gs",
-            admission.running_total, admission.waiting_total, self.state.config.shutdown_grace,
+            "draining: %d running, %d waiting, %d requests in progress, grace %s",
+            admission.running_total, admission.waiting_total, len(state.requests), format_duration(grace),
         )  # fmt: skip
+        try:
+            async with asyncio.timeout(grace):
+                await state.idle()
+            log.info("drained: every request finished")
+        except TimeoutError:
+            state.stopping = True
+            unfinished = list(state.requests)
+            log.warning(
+                "shutdown_grace %s ran out: cutting %d unfinished requests with an error",
+                format_duration(grace), len(unfinished),
+            )  # fmt: skip
+            for task in unfinished:
+                task.cancel()
+            if unfinished:
+                await asyncio.wait(unfinished, timeout=_CUT_TIMEOUT)
         await self._proxy.cleanup()
         await self._admin.cleanup()
         log.info("stopped")
@@ -127,8 +151,8 @@ class Server:
         """Re-read the config file; on any problem keep the old config and say why.
 
         Limits apply at once (waiting requests keep their place); timeouts,
-        heartbeat and upstream apply to requests that arrive from now on.
-        Listener addresses need a restart and are kept as they are.
+        heartbeat, upstream and keys apply to requests that arrive from now on.
+        What is bound when the listeners start is kept and reported.
         """
         if self._config_path is None:
             return ["no config file to reload (the proxy was started without one)"]
@@ -140,19 +164,62 @@ class Server:
                 log.error("reload failed, keeping the running config: %s", problem)
             return err.problems
         old = self.state.config
-        kept = {key: getattr(old, key) for key in _RESTART_KEYS}
-        for key, value in kept.items():
-            if getattr(new, key) != value:
-                log.warning("reload: %s changed; it takes effect only after a restart", key)
-        new = dataclasses.replace(new, **kept)
+        new, kept = _keep_restart_keys(old, new)
+        for key in kept:
+            log.warning("reload: %s changed; it takes effect only after a restart", key)
         self.state.config = new
-        self.state.admission.configure(new.limits)
+        self.state.admission.configure(new.limits, new.access.max_queued_per_key)
         self.state.metrics.reloads.labels("success").inc()
         log.info(
             "config reloaded: max_concurrent=%d max_queue=%d models=%s",
             new.limits.max_concurrent, new.limits.max_queue, dict(new.limits.models) or "{}",
         )  # fmt: skip
         return []
+
+    def watch(self, interval: float = WATCH_INTERVAL) -> Coroutine[None, None, None]:
+        """Reload whenever the config file changes on disk (`--watch`).
+
+        Polls the file's stat rather than using inotify: no dependency, works on
+        every filesystem, and an editor's write-and-rename is seen as one change.
+        The file as it is now is the baseline, taken before this returns.
+        """
+        assert self._config_path is not None
+        return self._watch(self._config_path, _stamp(self._config_path), interval)
+
+    async def _watch(
+        self, path: str | os.PathLike[str], last: tuple[int, int, int] | None, interval: float
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            stamp = _stamp(path)
+            if stamp is None or stamp == last:
+                continue  # missing for a moment while an editor replaces it
+            last = stamp
+            log.info("config file changed on disk: reloading %s", os.fspath(path))
+            self.reload()
+
+
+def _keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with the values bound at start put back, and the names of those that differed."""
+    kept: list[str] = []
+    for key in ("listen", "admin", "metrics"):
+        if getattr(new, key) != getattr(old, key):
+            kept.append(key)
+            new = dataclasses.replace(new, **{key: getattr(old, key)})
+    bound = ("max_header_size", "header_timeout")
+    for name in bound:
+        if getattr(new.request, name) != getattr(old.request, name):
+            kept.append(f"request.{name}")
+    request = dataclasses.replace(new.request, **{name: getattr(old.request, name) for name in bound})
+    return dataclasses.replace(new, request=request), kept
+
+
+def _stamp(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _url(runner: web.AppRunner) -> str:

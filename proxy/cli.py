@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default="config.yaml", metavar="PATH",
         help="the config file to serve with (default: ./config.yaml)",
     )  # fmt: skip
+    parser.add_argument(
+        "--watch", action="store_true",
+        help="reload the config file whenever it changes on disk (polls its stat every second)",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a config file and summarise it")
     check.add_argument("path", metavar="PATH")
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.path)
     if args.command == "demo":
         return run_demo()
-    return serve(args.config)
+    return serve(args.config, watch=args.watch)
 
 
 def check_config(path: str) -> int:
@@ -56,7 +60,7 @@ def check_config(path: str) -> int:
     return 0
 
 
-def serve(path: str) -> int:
+def serve(path: str, *, watch: bool = False) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -67,13 +71,13 @@ def serve(path: str) -> int:
             print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(_serve(config, Path(path)))
+        return asyncio.run(_serve(config, Path(path), watch))
     except KeyboardInterrupt:  # a second Ctrl-C while draining: stop at once, quietly
         return 130
 
 
-async def _serve(config: Config, path: Path) -> int:
-    """Run until SIGTERM or SIGINT, reloading on SIGHUP, then drain."""
+async def _serve(config: Config, path: Path, watch: bool) -> int:
+    """Run until SIGTERM or SIGINT, reloading on SIGHUP (and file changes with --watch), then drain."""
     server = Server(config, path)
     try:
         await server.start()
@@ -85,9 +89,12 @@ async def _serve(config: Config, path: Path) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    watcher = asyncio.create_task(server.watch()) if watch else None
     try:
         await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()

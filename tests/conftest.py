@@ -55,11 +55,11 @@ class ProxyProcess:
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(config: Path) -> AsyncIterator[ProxyProcess]:
+async def running_proxy(config: Path, *args: str) -> AsyncIterator[ProxyProcess]:
     """`python -m proxy` as its own process, where the process itself is under
     test: its sockets, fds, signals, logs and exit code."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--config", str(config),
+        sys.executable, "-m", "proxy", "--config", str(config), *args,
         stderr=asyncio.subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     assert proc.stderr is not None

@@ -79,6 +79,16 @@ async def test_sighup_reloads_limits_and_keeps_the_old_config_when_invalid(sim, 
         assert await limit() == 5
 
 
+async def test_watch_flag_reloads_when_the_file_changes(sim, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(proxy_config(sim.url, limits={"max_concurrent": 2})))
+    async with running_proxy(config, "--watch") as proxy:
+        config.write_text(json.dumps(proxy_config(sim.url, limits={"max_concurrent": 7})))
+        line = await proxy.log_line(r"config reloaded")
+        assert "max_concurrent=7" in line
+        assert any("config file changed on disk" in line for line in proxy.log)
+
+
 async def _equals(read, value) -> bool:
     return await read() == value
 

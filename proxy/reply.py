@@ -136,7 +136,8 @@ class Reply:
                     return  # upstream's own framing took over
                 silent = self._loop.time() - self._last_sent >= interval
                 if silent and frames.at_boundary(wire, self._tail):
-                    await self._send_frame(wire, note())
+                    # Only SSE frames carry the note; finding a queue position costs O(queue).
+                    await self._send_frame(wire, note() if wire is Wire.SSE else "")
                     continue
             if silent:
                 # Upstream went quiet mid-line: no valid place for a frame yet.

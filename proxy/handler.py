@@ -20,7 +20,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from . import classify
+from . import classify, usage
 from .admission import Slot
 from .config import Config, format_duration, format_size
 from .errors import (
@@ -88,7 +88,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     ex.waited = slot.waited
                     reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
                     state.metrics.queue_wait.labels(state.metrics.model_label(ex.model)).observe(slot.waited)
-                    ex.status = await _relay(state, config, request, body, reply)
+                    streaming = job.wire is not Wire.JSON
+                    ex.status = await _relay(state, config, request, body, reply, ex, streaming)
         finally:
             if ex.waited is None:  # never admitted: the wait ended some other way
                 reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
@@ -153,15 +154,42 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _relay(state: ProxyState, config: Config, request: web.Request, body: bytes, reply: Reply) -> int:
+async def _relay(
+    state: ProxyState,
+    config: Config,
+    request: web.Request,
+    body: bytes,
+    reply: Reply,
+    ex: Exchange | None = None,
+    streaming: bool = False,
+) -> int:
+    """Relay to upstream; for a generation (`ex` given), also note what upstream says it cost."""
     assert state.session is not None, "client session is opened in cleanup_ctx"
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
     )
-    status = await relay(state.session, config.upstream.url, request, body, reply, timeout)
+    meter = usage.Meter(asyncio.get_running_loop().time) if ex is not None else None
+    # Stays 0 if relay raises: any body it had relayed by then came with a success status.
+    status = 0
+    try:
+        status = await relay(
+            state.session, config.upstream.url, request, body, reply, timeout, meter.feed if meter else None
+        )
+    finally:
+        if meter is not None and ex is not None:
+            _record_usage(state, ex, meter, streaming and status < 400)
     if status >= 500:
         state.metrics.upstream_errors.labels("status").inc()
     return status
+
+
+def _record_usage(state: ProxyState, ex: Exchange, meter: usage.Meter, streamed: bool) -> None:
+    """Counts for the access log and the model metrics; time to first token only when streamed,
+    since a non-streamed answer arrives all at once, after the last token."""
+    found = meter.close()
+    if found is not None:
+        ex.prompt_tokens, ex.completion_tokens = found.prompt_tokens, found.completion_tokens
+    state.metrics.observe_usage(ex.model, found, meter.first_byte if streamed else None)
 
 
 async def _cut_at_shutdown(

@@ -15,13 +15,19 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .classify import canonical_model
+from .config import LimitsConfig
 from .exchange import Exchange
+from .usage import Usage
 
 #: Generations take minutes; the buckets must reach well past 300 s.
 DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60,
     90, 120, 180, 240, 300, 450, 600, 900, 1800, 3600,
 )  # fmt: skip
+#: Generation speed in tokens per second: from a big model on a CPU to a small one on a fast GPU.
+RATE_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500)
+TOKEN_KINDS = ("prompt", "completion")
 #: Distinct model names a client can create as labels before the rest become "other".
 EXTRA_MODEL_LABELS = 50
 
@@ -38,8 +44,11 @@ class QueueState(Protocol):
 
     def running_by_model(self) -> CounterType[str]: ...
     def waiting_by_model(self) -> CounterType[str]: ...
+    def oldest_wait(self) -> float: ...
     @property
     def max_concurrent(self) -> int: ...
+    @property
+    def limits(self) -> LimitsConfig: ...
 
 
 class ModelLabels:
@@ -50,6 +59,11 @@ class ModelLabels:
         self._seen: set[str] = set()
         self._extra = extra
         self._overflowed = False
+
+    def configure(self, models: Iterable[str]) -> None:
+        """Add models named by a reloaded config; a label once handed out stays valid."""
+        self.configured |= frozenset(models)
+        self._seen -= self.configured  # a model now configured no longer takes one of the extra places
 
     def __call__(self, model: str) -> str:
         if not model or model in self.configured or model in self._seen:
@@ -101,6 +115,27 @@ class Metrics:
         self.reloads = Counter(
             "ollama_proxy_config_reloads", "Config reloads, by result", ["result"], registry=r
         )
+        # What the generations themselves reported (see usage.py).
+        self.tokens = Counter(
+            "ollama_proxy_tokens", "Tokens upstream reported: prompt (evaluated) and completion (generated)",
+            ["model", "kind"], registry=r,
+        )  # fmt: skip
+        self.first_token = Histogram(
+            "ollama_proxy_time_to_first_token_seconds",
+            "Streamed generations: time from admission to the first body bytes from upstream "
+            "(model load and prompt evaluation included, queue wait excluded)",
+            ["model"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens_per_second = Histogram(
+            "ollama_proxy_generation_tokens_per_second",
+            "Generation speed upstream reported (eval_count / eval_duration; Ollama's native API only)",
+            ["model"], buckets=RATE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.model_load = Histogram(
+            "ollama_proxy_model_load_seconds",
+            "Ollama's load_duration per request: small for a model already loaded, long for a cold load",
+            ["model"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
         # Known series start at 0, so rate() and alerts work before the first event.
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
@@ -110,12 +145,39 @@ class Metrics:
             self.upstream_errors.labels(kind)
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        self._start_token_series(self.model_label.configured)
+
+    def configure(self, models: Iterable[str]) -> None:
+        """Make the models of a reloaded config configured labels (names as written in the config)."""
+        names = {canonical_model(name) for name in models}
+        self.model_label.configure(names)
+        self._start_token_series(names)
+
+    def _start_token_series(self, models: Iterable[str]) -> None:
+        for model in models:
+            for kind in TOKEN_KINDS:
+                self.tokens.labels(model, kind)
 
     def observe(self, ex: Exchange) -> None:
         """Count one finished request."""
         label = self.model_label(ex.model)
         self.requests.labels(ex.endpoint, label, str(ex.status)).inc()
         self.duration.labels(ex.endpoint, label).observe(ex.duration)
+
+    def observe_usage(self, model: str, usage: Usage | None, first_byte: float | None = None) -> None:
+        """Record what one generation reported; `first_byte` only for a streamed answer."""
+        label = self.model_label(model)
+        if first_byte is not None:
+            self.first_token.labels(label).observe(first_byte)
+        if usage is None:
+            return
+        for kind, count in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
+            if count:
+                self.tokens.labels(label, kind).inc(count)
+        if (rate := usage.tokens_per_second) is not None:
+            self.tokens_per_second.labels(label).observe(rate)
+        if usage.load_seconds is not None:
+            self.model_load.labels(label).observe(usage.load_seconds)
 
     def watch(self, queue: QueueState) -> None:
         """Publish the queue gauges, read from `queue` at every scrape."""
@@ -154,4 +216,19 @@ class _QueueCollector:
         yield GaugeMetricFamily(
             "ollama_proxy_max_concurrent", "Global limit on requests running upstream",
             value=self._queue.max_concurrent,
+        )  # fmt: skip
+        caps = GaugeMetricFamily(
+            "ollama_proxy_queue_limit", "Per-model cap on requests running upstream (limits.models)",
+            labels=["model"],
+        )  # fmt: skip
+        by_label = {
+            self._label(canonical_model(name)): cap for name, cap in self._queue.limits.models.items()
+        }
+        by_label.pop("other", None)  # a cap is one model's; past the label bound there is no name to show
+        for label, cap in sorted(by_label.items()):
+            caps.add_metric([label], cap)
+        yield caps
+        yield GaugeMetricFamily(
+            "ollama_proxy_oldest_wait_seconds", "How long the request at the head of the queue has waited",
+            value=self._queue.oldest_wait(),
         )  # fmt: skip

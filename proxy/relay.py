@@ -9,6 +9,7 @@ so an abandoned generation takes its socket, and Ollama's work, with it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -80,8 +81,12 @@ async def relay(
     body: bytes,
     reply: Reply,
     timeout: aiohttp.ClientTimeout,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> int:
     """Send the request upstream and copy the answer to `reply`; return upstream's status.
+
+    `on_chunk` sees each body chunk once the client has been sent it (to meter
+    usage without delaying a byte).
 
     Raises an `UpstreamError` for upstream failures. A client that vanishes
     surfaces here as cancellation or a write error, and the `finally` closes
@@ -122,6 +127,8 @@ async def relay(
                 )
         while chunk := await _read(upstream, timeout):
             await reply.write(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
         complete = True
         return upstream.status
     finally:

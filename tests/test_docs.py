@@ -127,6 +127,7 @@ def test_every_panel_queries_something_and_none_overlap():
 
 async def _exported(sim, make_proxy, http) -> dict[str, dict[str, set[str]]]:
     """Sample name -> label name -> values, after a streaming chat and a non-streaming generate."""
+    sim.load_delay, sim.token_delay = 0.01, 0.001  # so load time and generation speed are reported
     proxy = await make_proxy(limits={"models": {"llama3.2": 1}})
     chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
     async with http.post(proxy.listen_url + "/api/chat", json=chat) as resp:

@@ -217,6 +217,10 @@ class _QueueCollector:
             "ollama_proxy_max_concurrent", "Global limit on requests running upstream",
             value=self._queue.max_concurrent,
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "ollama_proxy_max_queue", "Requests allowed to wait (limits.max_queue); the next gets 503",
+            value=self._queue.limits.max_queue,
+        )  # fmt: skip
         caps = GaugeMetricFamily(
             "ollama_proxy_queue_limit", "Per-model cap on requests running upstream (limits.models)",
             labels=["model"],

@@ -259,6 +259,8 @@ def test_each_alert_fires_on_its_trouble_and_only_there(tmp_path: Path):
         _series(good, "ollama_proxy_rejected_total", "0+5x20", reason="bad_request"),
         _series(bad, "ollama_proxy_queue_depth", "90x20", model="m"),
         _series(good, "ollama_proxy_queue_depth", "40x20", model="m"),
+        _series(bad, "ollama_proxy_max_queue", "100x20"),
+        _series(good, "ollama_proxy_max_queue", "100x20"),
         _series(bad, "ollama_proxy_oldest_wait_seconds", "0+60x20"),
         _series(good, "ollama_proxy_oldest_wait_seconds", "120x20"),
         _series(bad, "ollama_proxy_config_reloads_total", "0x9 1x11", result="failure"),

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Coroutine
 import aiohttp
 from aiohttp import web
 
-from . import admin
+from . import admin, listener, logs
 from .admission import Admission
 from .classify import canonical_model
 from .config import Config, ConfigError, format_duration, load_config
@@ -32,7 +32,6 @@ _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _CUT_TIMEOUT = 2.0
 #: How often `--watch` looks at the config file.
 WATCH_INTERVAL = 1.0
-_ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -86,8 +85,12 @@ class Server:
             handler_cancellation=True,
             auto_decompress=False,  # a compressed request body is relayed as it came
             shutdown_timeout=_CUT_TIMEOUT,  # stop() drains first; this only bounds the close
-            access_log_format=_ACCESS_LOG_FORMAT,
+            access_log=None,  # proxy.accesslog writes one line per request instead
+            **listener.handler_options(config.request),
         )
+        #: Connections open on the listen port, capped at `listen.max_connections`.
+        self.connections = listener.ConnectionCap(config.listen.max_connections)
+        metrics.watch_connections(self.connections)
         self._admin = web.AppRunner(build_admin_app(self.state), access_log=None)
         self.listen_url = ""
         self.admin_url = ""
@@ -95,9 +98,12 @@ class Server:
     async def start(self) -> None:
         config = self.state.config
         try:
-            for runner, where in ((self._proxy, config.listen), (self._admin, config.admin)):
-                await runner.setup()
-                await web.TCPSite(runner, where.host, where.port, backlog=1024).start()
+            await self._proxy.setup()
+            await listener.CappedTCPSite(
+                self._proxy, config.listen.host, config.listen.port, self.connections, backlog=1024
+            ).start()
+            await self._admin.setup()
+            await web.TCPSite(self._admin, config.admin.host, config.admin.port, backlog=1024).start()
         except BaseException:
             # A taken port must not leave the other listener or the session open.
             for runner in (self._proxy, self._admin):
@@ -168,7 +174,9 @@ class Server:
         for key in kept:
             log.warning("reload: %s changed; it takes effect only after a restart", key)
         self.state.config = new
+        logs.reapply(new.log)
         self.state.admission.configure(new.limits, new.access.max_queued_per_key)
+        self.state.metrics.configure(new.limits.models)
         self.state.metrics.reloads.labels("success").inc()
         log.info(
             "config reloaded: max_concurrent=%d max_queue=%d models=%s",

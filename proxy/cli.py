@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import logs
 from .app import Server
 from .config import Config, ConfigError, load_config, summary
 from .demo import run_demo
@@ -61,15 +62,13 @@ def check_config(path: str) -> int:
 
 
 def serve(path: str, *, watch: bool = False) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
     try:
         config = load_config(path)
     except ConfigError as err:
         for problem in err.problems:
             print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
+    logs.setup(config.log)
     try:
         return asyncio.run(_serve(config, Path(path), watch))
     except KeyboardInterrupt:  # a second Ctrl-C while draining: stop at once, quietly

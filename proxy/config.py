@@ -119,7 +119,7 @@ class RequestConfig:
     max_body: int = 64 * 1024 * 1024
     #: The whole body must arrive within this; a trickling client is cut off before it queues.
     body_timeout: float = 60.0
-    #: The request line and each header line; longer ones get 431 (aiohttp's own limit is 8190).
+    #: The request line and each header line; longer ones get 400 (aiohttp's own limit is 8190).
     max_header_size: int = 8 * 1024
     #: Before the headers are complete; an idle keep-alive connection has the same bound.
     header_timeout: float = 10.0

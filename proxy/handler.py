@@ -20,7 +20,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from . import classify, usage
+from . import accesslog, classify, usage
 from .admission import Slot
 from .config import Config, format_duration, format_size
 from .errors import (
@@ -52,7 +52,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ex = Exchange(
         method=request.method,
         path=request.path,
-        client=request.remote or "unknown",
+        client=accesslog.client_address(request, config.listen.trusted_proxies),
         arrived=time.time(),
         started=loop.time(),
         endpoint=route.endpoint,
@@ -97,7 +97,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except ProxyError as err:
         ex.status, ex.outcome = err.status, _outcome(err)
         _count_failure(state, err, request)
-        response = await reply.fail(err) if reply else error_response(err, openai=route.openai)
+        if reply is None:
+            response = error_response(err, openai=route.openai)
+            ex.sent = len(response.body or b"")
+        else:
+            response = await reply.fail(err)
         if isinstance(err, TooLarge | BodyTimeout):
             response.force_close()  # the rest of the body is not worth reading
         return response
@@ -116,6 +120,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         ex.duration = loop.time() - ex.started
         ex.sent = reply.sent if reply else ex.sent
         state.metrics.observe(ex)
+        accesslog.write(ex)
 
 
 async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .classify import canonical_model
 from .config import LimitsConfig
@@ -49,6 +49,14 @@ class QueueState(Protocol):
     def max_concurrent(self) -> int: ...
     @property
     def limits(self) -> LimitsConfig: ...
+
+
+class ConnectionCounts(Protocol):
+    """What the connection gauges need from the listen port's cap."""
+
+    open: int
+    refused: int
+    limit: int
 
 
 class ModelLabels:
@@ -183,6 +191,10 @@ class Metrics:
         """Publish the queue gauges, read from `queue` at every scrape."""
         self.registry.register(_QueueCollector(queue, self.model_label))
 
+    def watch_connections(self, connections: ConnectionCounts) -> None:
+        """Publish the listen port's connection counts, read at every scrape."""
+        self.registry.register(_ConnectionCollector(connections))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -236,3 +248,27 @@ class _QueueCollector:
             "ollama_proxy_oldest_wait_seconds", "How long the request at the head of the queue has waited",
             value=self._queue.oldest_wait(),
         )  # fmt: skip
+
+
+class _ConnectionCollector:
+    def __init__(self, connections: ConnectionCounts) -> None:
+        self._connections = connections
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._connections
+        yield GaugeMetricFamily(
+            "ollama_proxy_connections", "Client connections open on the listen port", value=c.open
+        )
+        yield GaugeMetricFamily(
+            "ollama_proxy_max_connections",
+            "Cap on client connections (listen.max_connections)",
+            value=c.limit,
+        )
+        yield CounterMetricFamily(
+            "ollama_proxy_connections_refused",
+            "Connections refused with 503 because listen.max_connections were open",
+            value=c.refused,
+        )

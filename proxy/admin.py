@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import queueview
 from .state import STATE
 
 #: /-/ready must answer quickly even when upstream hangs.
@@ -60,4 +61,6 @@ def add_routes(app: web.Application, metrics_path: str) -> None:
     app.router.add_get(metrics_path, metrics)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
+    app.router.add_get("/-/queue", queueview.queue)
+    app.router.add_get("/-/status", queueview.status)
     app.router.add_post("/-/reload", reload)

@@ -36,10 +36,13 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FAULTS", "GenRecord", "Simulator", "main"]
+__all__ = ["FAULTS", "GARBAGE", "GenRecord", "Simulator", "main"]
 
 #: Accepted values of :attr:`Simulator.fault` besides ``None``.
-FAULTS = frozenset({"die", "hang_headers", "hang_body", "status"})
+FAULTS = frozenset({"die", "hang_headers", "hang_body", "status", "garbage", "garbage_body"})
+#: What the ``"garbage"`` and ``"garbage_body"`` faults send: not HTTP, not JSON, not UTF-8,
+#: and it ends mid-line, so a reader that expects any framing finds none.
+GARBAGE = b'\x00\xff\xfe{"half": "a line\r\n\x1b[31m not json \xc3\x28'
 
 
 # Fixed timestamps: a real clock would make responses differ between two identical requests.
@@ -77,6 +80,7 @@ class GenRecord:
     peer_closed_at: float | None = None
     completed: bool = False  # the full response (success or error) was written
     status: int | None = None  # status sent, once headers have been sent
+    fault: str | None = None  # the fault in force when the request arrived
     chunks: int = 0  # body writes made so far
     # Request headers and body as received (left out of repr to keep assertion output short).
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -218,6 +222,10 @@ class Simulator:
     * ``"hang_body"``: send headers and ``fault_after`` chunks (half of a non-streamed
       body), then go silent forever.
     * ``"status"``: after ``load_delay``, answer ``fault_status`` with an error body.
+    * ``"garbage"``: after ``load_delay``, write :data:`GARBAGE` (not an HTTP response)
+      and close the connection.
+    * ``"garbage_body"``: after ``load_delay``, answer 200 with the content type the
+      request expects and :data:`GARBAGE` as the whole body (chunked if it would stream).
 
     A fault that would come after the last chunk does not happen.
     """
@@ -270,7 +278,11 @@ class Simulator:
         return self._url
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on ``host:port`` (0 picks a free port) and return the base URL."""
+        """Listen on ``host:port`` (0 picks a free port) and return the base URL.
+
+        After close(), starting again on the same port is a restart, as of a crashed Ollama.
+        """
+        self._closing = False
         app = web.Application(client_max_size=1 << 30)  # Ollama takes large bodies (images)
         for path in _RENDERERS:
             app.router.add_post(path, self._generation)
@@ -363,7 +375,9 @@ class Simulator:
         task = asyncio.current_task()
         assert task is not None
         knobs = self._knobs()
-        record = GenRecord(path=request.path, model="", started_at=loop.time(), headers=request.headers)
+        record = GenRecord(
+            path=request.path, model="", started_at=loop.time(), headers=request.headers, fault=knobs.fault
+        )
         self.records.append(record)
         self._handlers.add(task)
         self.active += 1
@@ -419,8 +433,16 @@ class Simulator:
             return
         if knobs.fault == "hang_headers":
             await _forever()
+        if knobs.fault == "garbage":
+            await reply.garbage()
         gen = _Gen(path=request.path, body=body, raw=record.body, model=model, knobs=knobs)
-        await reply.play(_RENDERERS[request.path](gen), knobs)
+        plan = _RENDERERS[request.path](gen)
+        if knobs.fault == "garbage_body":
+            await reply.start(200, plan.content_type, None if plan.streaming else len(GARBAGE))
+            await reply.send(GARBAGE)
+            await reply.finish()
+            return
+        await reply.play(plan, knobs)
 
     # -- other endpoints ---------------------------------------------------------------
 
@@ -557,6 +579,16 @@ class _Reply:
                 return
             await self.send(body)
         await self.finish()
+
+    async def garbage(self) -> None:
+        """Answer with bytes that are not HTTP, close, and wait for aiohttp to cancel us."""
+        transport = self._request.transport
+        assert transport is not None
+        transport.write(GARBAGE)
+        transport.close()
+        self._record.completed = True  # all there is to send was written: not a peer closing early
+        self._sim._changed()
+        await _forever()
 
     async def _fail(self, fault: str | None) -> None:
         if fault == "hang_body":

@@ -7,6 +7,7 @@ handler can reject bad input before it commits to anything.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .errors import BadRequest
@@ -47,7 +48,11 @@ class Job:
 
 
 def route(method: str, path: str) -> Route:
-    """Only POST to a generation path queues; anything else is relayed at once."""
+    """Only POST to a generation path queues; anything else is relayed at once.
+
+    `path` is canonical (`access.canonical_path`), the one upstream will run;
+    it is matched exactly and case-sensitively, as Ollama's router matches it.
+    """
     queued = method == "POST" and path in QUEUED
     return Route(
         endpoint=path if queued else "other",
@@ -73,7 +78,22 @@ def job(route: Route, body: bytes) -> Job:
     if not isinstance(model, str) or not model:
         got = "missing" if "model" not in data else _json_type(model)
         raise BadRequest(f'"model" must be a non-empty string (got {got})')
+    if _CONTROL.search(model) or not _encodable(model):
+        # A lone surrogate ("\ud800" is valid escaped JSON) or a control character is
+        # no model's name, and would poison every place the name is shown: logs, /metrics.
+        raise BadRequest('"model" must be text without control characters')
     return Job(model=model, wire=_wire(route.endpoint, data.get("stream")))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def canonical_model(name: str) -> str:

@@ -8,6 +8,8 @@ always gets the same shape for the same failure whichever stage noticed it.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 from aiohttp import web
@@ -25,6 +27,8 @@ class ProxyError(Exception):
     reason: ClassVar[str] = "internal"
     #: OpenAI's error `type`: 4xx are the caller's fault, 5xx ours or upstream's.
     openai_type: ClassVar[str] = "server_error"
+    #: Response headers that belong to this kind of failure (a 401's challenge, say).
+    headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -54,6 +58,8 @@ class Unauthorized(ProxyError):
     status = 401
     reason = "unauthorized"
     openai_type = "invalid_request_error"
+    #: RFC 9110 11.6.1: a 401 names the scheme that would succeed.
+    headers = MappingProxyType({"WWW-Authenticate": 'Bearer realm="ollama-queue-proxy"'})
 
 
 class Forbidden(ProxyError):
@@ -150,5 +156,5 @@ def error_response(err: ProxyError, *, openai: bool) -> web.Response:
     return web.Response(
         status=err.status,
         body=error_body(err, openai=openai),
-        headers={"Content-Type": JSON_OPENAI if openai else JSON_NATIVE, **headers},
+        headers={"Content-Type": JSON_OPENAI if openai else JSON_NATIVE, **err.headers, **headers},
     )

@@ -20,7 +20,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from . import accesslog, classify, usage
+from . import access, accesslog, classify, usage
 from .admission import Slot
 from .config import Config, format_duration, format_size
 from .errors import (
@@ -48,10 +48,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    route = classify.route(request.method, request.path)
+    try:
+        path, refused = access.canonical_path(request.raw_path), None
+    except BadRequest as err:
+        # As sent (still escaped, so safe to log); only to shape and log the 400, never forwarded.
+        path, refused = request.raw_path.partition("?")[0], err
+    route = classify.route(request.method, path)
     ex = Exchange(
         method=request.method,
-        path=request.path,
+        path=path,
         client=accesslog.client_address(request, config.listen.trusted_proxies),
         arrived=time.time(),
         started=loop.time(),
@@ -61,12 +66,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     reply: Reply | None = None
     state.enter(task)
     try:
+        if refused is not None:
+            raise refused
+        ex.owner = access.authenticate(request.headers.get("Authorization"), config.access.keys)
+        access.check_admin(path, config.access)
         if state.draining:
             raise _draining(state)
         body = await _read_body(request, config)
         if not route.queued:
             reply = Reply(request, openai=route.openai)
-            ex.status = await _relay(state, config, request, body, reply)
+            ex.status = await _relay(state, config, request, path, body, reply)
             return await _finish(reply, ex)
 
         job = classify.job(route, body)
@@ -89,14 +98,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
                     state.metrics.queue_wait.labels(state.metrics.model_label(ex.model)).observe(slot.waited)
                     streaming = job.wire is not Wire.JSON
-                    ex.status = await _relay(state, config, request, body, reply, ex, streaming)
+                    ex.status = await _relay(state, config, request, path, body, reply, ex, streaming)
         finally:
             if ex.waited is None:  # never admitted: the wait ended some other way
                 reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
         return await _finish(reply, ex)
     except ProxyError as err:
         ex.status, ex.outcome = err.status, _outcome(err)
-        _count_failure(state, err, request)
+        _count_failure(state, err, ex)
         if reply is None:
             response = error_response(err, openai=route.openai)
             ex.sent = len(response.body or b"")
@@ -109,9 +118,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if state.stopping and isinstance(exc, asyncio.CancelledError) and task.uncancel() == 0:
             return await _cut_at_shutdown(state, request, reply, route.openai, ex)
         state.metrics.disconnects.labels(ex.phase).inc()
-        log.info(
-            "client gone: %s %s model=%s phase=%s", request.method, request.path, ex.model or "-", ex.phase
-        )
+        log.info("client gone: %s %s model=%s phase=%s", ex.method, ex.path, ex.model or "-", ex.phase)
         if isinstance(exc, asyncio.CancelledError):
             raise
         return reply.response if reply and reply.response else web.Response(status=CLIENT_GONE)
@@ -163,6 +170,7 @@ async def _relay(
     state: ProxyState,
     config: Config,
     request: web.Request,
+    path: str,
     body: bytes,
     reply: Reply,
     ex: Exchange | None = None,
@@ -178,7 +186,15 @@ async def _relay(
     status = 0
     try:
         status = await relay(
-            state.session, config.upstream.url, request, body, reply, timeout, meter.feed if meter else None
+            state.session,
+            config.upstream.url,
+            request,
+            body,
+            reply,
+            timeout,
+            meter.feed if meter else None,
+            path=path,
+            private=access.private_headers(config.access),
         )
     finally:
         if meter is not None and ex is not None:
@@ -207,9 +223,7 @@ async def _cut_at_shutdown(
         retry_after=1,
     )
     ex.status, ex.outcome = err.status, "shutdown"
-    log.warning(
-        "cut at shutdown: %s %s model=%s phase=%s", request.method, request.path, ex.model or "-", ex.phase
-    )
+    log.warning("cut at shutdown: %s %s model=%s phase=%s", ex.method, ex.path, ex.model or "-", ex.phase)
     return await reply.fail(err) if reply else error_response(err, openai=openai)
 
 
@@ -238,10 +252,11 @@ def _outcome(err: ProxyError) -> str:
     return "upstream_error" if isinstance(err, UpstreamError) else err.reason
 
 
-def _count_failure(state: ProxyState, err: ProxyError, request: web.Request) -> None:
+def _count_failure(state: ProxyState, err: ProxyError, ex: Exchange) -> None:
+    # ex.path is canonical and escaped: a client cannot split a log line with it.
     if isinstance(err, UpstreamError):
         state.metrics.upstream_errors.labels(err.kind).inc()
-        log.warning("upstream error (%s): %s %s: %s", err.kind, request.method, request.path, err.message)
+        log.warning("upstream error (%s): %s %s: %s", err.kind, ex.method, ex.path, err.message)
     else:
         state.metrics.rejected.labels(err.reason).inc()
-        log.info("rejected (%s): %s %s: %s", err.reason, request.method, request.path, err.message)
+        log.info("rejected (%s): %s %s: %s", err.reason, ex.method, ex.path, err.message)

@@ -28,6 +28,8 @@ DURATION_BUCKETS = (
 #: Generation speed in tokens per second: from a big model on a CPU to a small one on a fast GPU.
 RATE_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500)
 TOKEN_KINDS = ("prompt", "completion")
+#: Longer names (real ones are far shorter) count as "other": a label is bounded in size too.
+MAX_MODEL_LABEL = 200
 #: Distinct model names a client can create as labels before the rest become "other".
 EXTRA_MODEL_LABELS = 50
 
@@ -76,6 +78,8 @@ class ModelLabels:
     def __call__(self, model: str) -> str:
         if not model or model in self.configured or model in self._seen:
             return model
+        if len(model) > MAX_MODEL_LABEL:
+            return "other"  # one long name would be copied into every per-model series
         if len(self._seen) < self._extra:
             self._seen.add(model)
             return model

@@ -48,22 +48,33 @@ _REQUEST_ONLY = frozenset({"host", "content-length", "expect"})
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
-def _strip_hop_by_hop(headers: CIMultiDictProxy[str], also: frozenset[str] = frozenset()) -> CIMultiDict[str]:
-    """Drop hop-by-hop headers, including any the Connection header names."""
-    named = {
-        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
-    }
-    drop = HOP_BY_HOP | named | also
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+_UPSTREAM_DROP = HOP_BY_HOP | _REQUEST_ONLY
 
 
-def upstream_headers(request: web.Request) -> CIMultiDict[str]:
+def _strip_hop_by_hop(headers: CIMultiDictProxy[str], drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
+    """Drop the headers in `drop` (lower case) and any the Connection header names."""
+    if "Connection" in headers:
+        drop = drop | {
+            token.strip().lower() for value in headers.getall("Connection") for token in value.split(",")
+        }
+    # Every repeat of a name takes its first spelling: aiohttp's client folds
+    # "X-T" and "x-t" into one header, and upstream would lose a value.
+    spelling: dict[str, str] = {}
+    kept = CIMultiDict[str]()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in drop:
+            kept.add(spelling.setdefault(lower, name), value)
+    return kept
+
+
+def upstream_headers(request: web.Request, private: frozenset[str] = frozenset()) -> CIMultiDict[str]:
     """The client's headers as upstream should see them.
 
     Host is the upstream's own (Ollama refuses foreign Host headers on a
     loopback bind), and X-Forwarded-For gains the client's address.
     """
-    headers = _strip_hop_by_hop(request.headers, _REQUEST_ONLY)
+    headers = _strip_hop_by_hop(request.headers, _UPSTREAM_DROP | private)
     prior = ", ".join(headers.popall("X-Forwarded-For", []))
     client = request.remote or "unknown"
     headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
@@ -82,8 +93,14 @@ async def relay(
     reply: Reply,
     timeout: aiohttp.ClientTimeout,
     on_chunk: Callable[[bytes], None] | None = None,
+    *,
+    path: str,
+    private: frozenset[str] = frozenset(),
 ) -> int:
     """Send the request upstream and copy the answer to `reply`; return upstream's status.
+
+    `path` is the request's canonical path (`access.canonical_path`), the one
+    it was classified by, so upstream runs exactly what the proxy admitted.
 
     `on_chunk` sees each body chunk once the client has been sent it (to meter
     usage without delaying a byte).
@@ -95,10 +112,9 @@ async def relay(
     try:
         upstream = await session.request(
             request.method,
-            # As sent: a URL built from a string would resolve "/x/../y" and
-            # re-escape, so upstream could run a path we never classified.
-            URL(base_url + request.raw_path, encoded=True),
-            headers=upstream_headers(request),
+            # Already resolved and escaped: `encoded` keeps yarl from doing either again.
+            URL(base_url + _with_query(path, request.raw_path), encoded=True),
+            headers=upstream_headers(request, private),
             data=body if body else None,
             allow_redirects=False,
             timeout=timeout,
@@ -150,6 +166,12 @@ async def _read(upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout
         raise _silent(timeout) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamReset(f"upstream broke off the response: {_describe(exc)}") from None
+
+
+def _with_query(path: str, raw_path: str) -> str:
+    """The client's query goes on exactly as it was sent: only the path is the proxy's to judge."""
+    query = raw_path.partition("?")[2]
+    return f"{path}?{query}" if query else path
 
 
 def _silent(timeout: aiohttp.ClientTimeout) -> UpstreamTimeout:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy import classify
+from proxy.access import canonical_path
 from proxy.errors import BadRequest
 from proxy.frames import Wire
 
@@ -25,12 +26,20 @@ def test_generation_paths_queue_on_post_only(path):
         ("GET", "/v1/models"),
         ("HEAD", "/"),
         ("POST", "/api/generate/"),
-        ("POST", "/api/x/../generate"),
+        ("POST", "/API/generate"),  # Ollama's router is case-sensitive: a 404 there, not a generation
     ],
 )
 def test_everything_else_is_relayed_at_once_as_other(method, path):
     route = classify.route(method, path)
     assert not route.queued and route.endpoint == "other"
+
+
+@pytest.mark.parametrize(
+    "raw", ["/api/x/../generate", "//api/./generate", "/api/%67enerate", "/../api/generate?x=/../y"]
+)
+def test_a_generation_in_disguise_is_classified_by_its_canonical_path(raw):
+    route = classify.route("POST", canonical_path(raw))
+    assert route.queued and route.endpoint == "/api/generate"
 
 
 def test_openai_paths_are_recognised_for_error_shapes():

@@ -127,6 +127,10 @@ class Metrics:
         self.reloads = Counter(
             "ollama_proxy_config_reloads", "Config reloads, by result", ["result"], registry=r
         )
+        self.key_requests = Counter(
+            "ollama_proxy_key_requests", "Requests answered, by client key name (access.keys) and status",
+            ["key", "code"], registry=r,
+        )  # fmt: skip
         # What the generations themselves reported (see usage.py).
         self.tokens = Counter(
             "ollama_proxy_tokens", "Tokens upstream reported: prompt (evaluated) and completion (generated)",
@@ -175,6 +179,8 @@ class Metrics:
         label = self.model_label(ex.model)
         self.requests.labels(ex.endpoint, label, str(ex.status)).inc()
         self.duration.labels(ex.endpoint, label).observe(ex.duration)
+        if ex.owner:  # a name from the config: the label set is bounded by it
+            self.key_requests.labels(ex.owner, str(ex.status)).inc()
 
     def observe_usage(self, model: str, usage: Usage | None, first_byte: float | None = None) -> None:
         """Record what one generation reported; `first_byte` only for a streamed answer."""

@@ -6,6 +6,8 @@ The first half tests the pure checks in `proxy.access`; the second half, from
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import posixpath
 from collections.abc import AsyncIterator
@@ -25,7 +27,7 @@ from proxy.access import Keys, authenticate, canonical_path, check_admin, is_adm
 from proxy.config import AccessConfig
 from proxy.errors import BadRequest, Forbidden, Unauthorized, error_response
 
-from .conftest import sample, scrape, serving
+from .conftest import eventually, sample, scrape, serving
 
 MODEL = "llama3.2"
 KEYS = {"alice": "k-alice-123", "bob": "k-bob-456"}
@@ -523,3 +525,46 @@ async def test_rejections_are_counted_by_reason(make_proxy, http, recorder):
     for reason in ("unauthorized", "forbidden", "bad_request"):
         assert sample(metrics, "ollama_proxy_rejected_total", reason=reason) == 1, reason
     assert recorder.seen == []
+
+
+# --- per-key queue bound and the key as a label ------------------------------------
+
+
+async def test_one_key_cannot_fill_the_queue_and_its_name_labels_metrics_and_the_queue(sim, make_proxy, http):
+    keys = {"alice": "k-alice-123", "bob": "k-bob-456"}
+    proxy = await make_proxy(
+        limits={"max_concurrent": 1, "max_queue": 10},
+        access={"keys": keys, "max_queued_per_key": 2},
+        heartbeat={"interval": "10s"},
+    )
+    sim.load_delay = 60  # the first request holds the only slot
+
+    async def generate(name: str) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {keys[name]}"}
+        body = {"model": "llama3.2", "prompt": name, "stream": False}
+        async with http.post(proxy.listen_url + "/api/generate", json=body, headers=headers) as resp:
+            return resp.status, await resp.read()
+
+    holder = asyncio.create_task(generate("bob"))
+    await sim.wait_until(lambda: sim.active == 1)
+    waiting = [asyncio.create_task(generate("alice")) for _ in range(2)]
+    await eventually(lambda: proxy.state.admission.waiting_total == 2)
+
+    status, body = await generate("alice")  # a third for alice: her own 429, not everyone's 503
+    assert status == 429
+    assert "access.max_queued_per_key=2" in json.loads(body)["error"]
+    bob = asyncio.create_task(generate("bob"))  # bob still gets in line
+    await eventually(lambda: proxy.state.admission.waiting_total == 3)
+    async with http.get(proxy.admin_url + "/-/queue") as resp:
+        queue = await resp.json()
+    assert [entry["owner"] for entry in queue["queue"]] == ["alice", "alice", "bob"]
+    assert [entry["owner"] for entry in queue["models"]["llama3.2:latest"]["running"]] == ["bob"]
+
+    for task in (holder, *waiting, bob):
+        task.cancel()
+    await asyncio.gather(holder, *waiting, bob, return_exceptions=True)
+    await eventually(lambda: proxy.state.admission.waiting_total == proxy.state.admission.running_total == 0)
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_key_requests_total", key="alice", code="429") == 1
+    assert sample(metrics, "ollama_proxy_rejected_total", reason="key_queue_full") == 1
+    assert not any("k-alice-123" in name + repr(labels) for name, labels in metrics)

@@ -18,11 +18,12 @@ example. The default run is derandomized, so it is the same every time;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import string
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -170,6 +171,22 @@ async def send_raw(
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def canary() -> AsyncIterator[tuple[str, list[str]]]:
+    """A server nothing may ever reach through the proxy: yields its host:port, to plant in
+    Host headers and absolute-form targets, and the paths it was asked for."""
+    hits: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        hits.append(request.raw_path)
+        return web.Response(text="canary")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", record)
+    async with serving(app) as url:
+        yield url.removeprefix("http://"), hits
+
+
 def no_slot_taken(server: Server) -> bool:
     admission = server.state.admission
     return admission.running_total == 0 and admission.waiting_total == 0
@@ -287,8 +304,8 @@ BAD_CHUNK_SIZES = [b"zz", b"-1", b"0x5", b"fffffffffffffffffff", b"5;", b" 5", b
 FLAWS = ("method", "target", "version", "header", "framing", "many-headers", "truncated")
 
 
-def framing(kind: str, body: bytes, odd: str) -> tuple[list[bytes], bytes]:
-    """Headers that frame `body`, and the bytes that carry it."""
+def framing(kind: str, body: bytes, odd: bytes) -> tuple[list[bytes], bytes]:
+    """Headers that frame `body`, and the bytes that carry it; `odd` is a bad length or chunk size."""
     length = b"Content-Length: %d\r\n" % len(body)
     chunked = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
     framings = {
@@ -299,11 +316,8 @@ def framing(kind: str, body: bytes, odd: str) -> tuple[list[bytes], bytes]:
         "differ": ([length, b"Content-Length: %d\r\n" % (len(body) + 1)], body),
         "both": ([length, b"Transfer-Encoding: chunked\r\n"], chunked),
         "gzip": ([b"Transfer-Encoding: gzip, chunked\r\n"], chunked),
-        "absurd": ([b"Content-Length: " + odd.encode() + b"\r\n"], body),
-        "bad-chunk": (
-            [b"Transfer-Encoding: chunked\r\n"],
-            odd.encode("latin-1") + b"\r\n" + body + b"\r\n0\r\n\r\n",
-        ),
+        "absurd": ([b"Content-Length: " + odd + b"\r\n"], body),
+        "bad-chunk": ([b"Transfer-Encoding: chunked\r\n"], odd + b"\r\n" + body + b"\r\n0\r\n\r\n"),
     }
     return framings[kind]
 
@@ -325,18 +339,9 @@ def raw_messages(draw: st.DrawFn) -> Raw:
     else:
         kind = draw(st.sampled_from(["none", "length", "chunked"]))
     odd = draw(st.sampled_from(BAD_CHUNK_SIZES if kind == "bad-chunk" else BAD_LENGTHS))
-    framed, body = framing(kind, draw(BODIES), odd.decode("latin-1"))
-    data = (
-        method
-        + b" "
-        + target
-        + b" "
-        + version
-        + b"\r\nHost: x\r\n"
-        + b"".join(headers + framed)
-        + b"\r\n"
-        + body
-    )
+    framed, body = framing(kind, draw(BODIES), odd)
+    line = b" ".join([method, target, version])
+    data = line + b"\r\nHost: x\r\n" + b"".join(headers + framed) + b"\r\n" + body
     if "truncated" in flaws:
         return Raw(data[: draw(st.integers(0, len(data) - 1))], truncated=True)
     return Raw(data, truncated=False)
@@ -721,18 +726,10 @@ class Probe:
 async def test_no_path_trick_reaches_a_generation_without_a_slot(make_proxy, sim, http):
     """With the only slot held and no queue, a request the proxy classifies as a generation
     gets 503 at once; one it lets through must not start a generation upstream."""
-    hits: list[str] = []
-
-    async def canary(request: web.Request) -> web.Response:
-        hits.append(request.raw_path)
-        return web.Response(text="canary")
-
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", canary)
-    async with serving(app) as canary_url:
+    async with canary() as (elsewhere, hits):
         proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 0})
         hold = await hold_the_slot(sim, http, proxy)
-        hosts = st.sampled_from([b"x", canary_url.removeprefix("http://").encode(), b"evil.example"])
+        hosts = st.sampled_from([b"x", elsewhere.encode(), b"evil.example"])
 
         async def example(probe: Probe) -> None:
             answer = await send_raw(proxy, probe.data(), with_body=True)
@@ -742,7 +739,10 @@ async def test_no_path_trick_reaches_a_generation_without_a_slot(make_proxy, sim
                 assert "Retry-After" in answer.headers
             else:
                 assert_clean(answer)
-            assert len(sim.records) == 1 and sim.peak == 1, "a generation reached upstream without a slot"
+            assert len(sim.records) == 1 and sim.peak == 1, (
+                f"a generation reached upstream without a slot (or the held one ended: {hold.done()=}, "
+                f"held={sim.records[0]!r})"
+            )
             admission = proxy.state.admission
             await eventually(lambda: admission.running_total == 1 and admission.waiting_total == 0)
 
@@ -762,18 +762,10 @@ async def test_no_path_trick_reaches_a_generation_without_a_slot(make_proxy, sim
 async def test_an_absolute_form_target_gets_a_clean_answer_and_goes_nowhere_else(make_proxy, sim, http):
     """Found by fuzzing: relay.py once built the upstream URL as upstream.url + raw_path, so
     'GET http://host/path' (RFC 9112 3.2.2) made 'http://127.0.0.1:PORThttp://...' and a 500."""
-    hits: list[str] = []
-
-    async def canary(request: web.Request) -> web.Response:
-        hits.append(request.raw_path)
-        return web.Response(text="canary")
-
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", canary)
-    async with serving(app) as canary_url:
+    async with canary() as (elsewhere, hits):
         proxy = await make_proxy()
         for method, path in (("GET", "/api/version"), ("POST", "/api/generate")):
-            for authority in ("evil.example", canary_url.removeprefix("http://")):
+            for authority in ("evil.example", elsewhere):
                 line = f"{method} http://{authority}{path} HTTP/1.1\r\n".encode()
                 head = b"Host: x\r\nContent-Length: %d\r\n\r\n" % len(GENERATION)
                 answer = await send_raw(proxy, line + head + GENERATION)

@@ -145,7 +145,7 @@ class _Gen:
     @property
     def seed(self) -> int:
         """Derived from the prompt, so concurrent answers differ and a mix-up shows."""
-        return zlib.crc32(self.text.encode())
+        return zlib.crc32(self.text.encode("utf-8", "surrogatepass"))  # "\ud800" is valid escaped JSON
 
     @property
     def limit(self) -> int | None:
@@ -818,7 +818,9 @@ async def _forever() -> None:
 
 def _dumps(value: Any) -> bytes:
     """Compact JSON like Go's encoder, so sizes and framing resemble Ollama's."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate from the request cannot be UTF-8; Go's encoder writes U+FFFD for it too.
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode()
 
 
 def _ndjson(value: Any) -> bytes:

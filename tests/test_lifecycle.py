@@ -221,3 +221,18 @@ async def test_drain_cuts_what_outlives_the_grace_with_an_error_in_every_phase(s
     assert len(sim.records) == 1  # the queued ones never reached upstream
     assert proxy.state.admission.running_total == proxy.state.admission.waiting_total == 0
     assert not proxy.state.requests
+
+
+async def test_reloaded_keys_apply_to_the_next_request(sim, http, served, tmp_path):
+    path = write_config(tmp_path / "config.yaml", sim.url, access={"keys": {"alice": "old-key-1"}})
+    proxy = await served(path)
+
+    async def status(key: str) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with http.get(proxy.listen_url + "/api/tags", headers=headers) as resp:
+            return resp.status
+
+    assert (await status("old-key-1"), await status("new-key-2")) == (200, 401)
+    write_config(path, sim.url, access={"keys": {"alice": "new-key-2"}})
+    assert proxy.reload() == []
+    assert (await status("old-key-1"), await status("new-key-2")) == (401, 200)

@@ -117,3 +117,31 @@ async def _until_depth(http, proxy, depth: int) -> None:
         return sample(await scrape(http, proxy), "ollama_proxy_queue_depth", model="llama3.2:latest") == depth
 
     await eventually(reached)
+
+
+async def test_a_response_that_waited_says_how_long_in_x_queue_wait(sim, make_proxy, http):
+    sim.tokens, sim.token_delay = 10, 0.03  # the first request holds the slot ~0.3 s
+    proxy = await make_proxy(limits={"max_concurrent": 1}, heartbeat={"interval": "10s"})
+    first = asyncio.create_task(generate(http, proxy.listen_url))
+    await sim.wait_until(lambda: sim.active == 1)
+
+    body = {"model": "llama3.2", "prompt": "second"}
+    async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
+        waited = float(resp.headers["X-Queue-Wait"])
+        await resp.read()
+    assert 0.05 < waited < 5
+    assert (await first)[0] == 200
+    async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
+        assert float(resp.headers["X-Queue-Wait"]) < 0.05  # a free slot: no wait to speak of
+
+
+async def test_x_queue_wait_is_absent_once_a_keep_alive_200_went_first(sim, make_proxy, http):
+    sim.load_delay = 0.5  # silent upstream: keep-alive frames start the response
+    proxy = await make_proxy(heartbeat={"interval": "0.1s"})
+    body = {"model": "llama3.2", "prompt": "slow"}
+    async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
+        assert resp.status == 200
+        assert "X-Queue-Wait" not in resp.headers
+        first = (await resp.content.readline()).decode()
+        assert '"response":""' in first  # a keep-alive frame came first
+        await resp.read()

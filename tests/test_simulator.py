@@ -498,3 +498,10 @@ async def test_module_runs_standalone_until_interrupted(http) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_lone_surrogate_in_the_prompt_is_answered_not_a_crash(sim, http):
+    body = b'{"model": "llama3.2", "prompt": "\\ud800 hi", "stream": false}'
+    async with http.post(sim.url + "/api/generate", data=body) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["done"] is True

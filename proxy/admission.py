@@ -18,6 +18,7 @@ queue. Either way nothing is leaked and `__aexit__` runs only for slots held.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections import Counter
 
@@ -33,7 +34,7 @@ _MAX_RETRY_AFTER = 600
 class Slot:
     """One request's place: waiting, then running, then released."""
 
-    __slots__ = ("_admission", "model", "key", "owner", "enqueued_at", "admitted_at", "_future", "_timer")
+    __slots__ = ("_admission", "model", "key", "owner", "enqueued_at", "admitted_at", "_future")
 
     def __init__(self, admission: Admission, model: str, owner: str = "") -> None:
         self._admission = admission
@@ -44,7 +45,6 @@ class Slot:
         self.enqueued_at = asyncio.get_running_loop().time()
         self.admitted_at: float | None = None
         self._future: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> Slot:
         await self._admission._acquire(self)
@@ -76,6 +76,9 @@ class Admission:
         self._holding: dict[Slot, None] = {}
         self._waiters: dict[Slot, None] = {}
         self._avg_hold: float | None = None
+        # One timer for the queue's head: every waiter has the same queue_timeout and
+        # joined in order, so they run out in queue order too.
+        self._deadline: asyncio.TimerHandle | None = None
 
     def slot(self, model: str, owner: str = "") -> Slot:
         return Slot(self, model, owner)
@@ -89,12 +92,8 @@ class Admission:
         self._limits = limits
         self._caps = _caps(limits)
         self._per_owner = max_queued_per_owner
-        loop = asyncio.get_running_loop()
-        for slot in list(self._waiters):
-            if slot._timer is not None:
-                slot._timer.cancel()
-            slot._timer = loop.call_at(slot.enqueued_at + limits.queue_timeout, self._expire, slot)
         self._dispatch()
+        self._arm()
 
     # -- views, for metrics and the queue page ---------------------------------
 
@@ -174,8 +173,9 @@ class Admission:
                 )
         loop = asyncio.get_running_loop()
         slot._future = loop.create_future()
-        slot._timer = loop.call_at(slot.enqueued_at + limits.queue_timeout, self._expire, slot)
         self._waiters[slot] = None
+        if self._deadline is None:
+            self._arm()
         try:
             await slot._future
         except BaseException:
@@ -188,8 +188,6 @@ class Admission:
                 slot._future.exception()  # timed out as it was cancelled: mark it seen
             raise
         finally:
-            slot._timer.cancel()
-            slot._timer = None
             slot._future = None
 
     def _release(self, slot: Slot) -> None:
@@ -227,11 +225,32 @@ class Admission:
             assert slot._future is not None
             slot._future.set_result(None)
 
-    def _expire(self, slot: Slot) -> None:
-        future = slot._future
-        if future is None or future.done() or slot not in self._waiters:
-            return
-        del self._waiters[slot]
+    def _arm(self) -> None:
+        """Point the queue's one timer at its head's deadline (none when nobody waits)."""
+        head = next(iter(self._waiters), None)
+        due = None if head is None else head.enqueued_at + self._limits.queue_timeout
+        if self._deadline is not None:
+            if self._deadline.when() == due:
+                return
+            self._deadline.cancel()
+            self._deadline = None
+        if due is not None:
+            self._deadline = asyncio.get_running_loop().call_at(due, self._expire_heads, due)
+
+    def _expire_heads(self, due: float) -> None:
+        """Time out every waiter from the head whose deadline has come (the head may have changed)."""
+        self._deadline = None
+        limit = max(due, asyncio.get_running_loop().time())
+        timeout = self._limits.queue_timeout
+        expired = list(itertools.takewhile(lambda slot: slot.enqueued_at + timeout <= limit, self._waiters))
+        for slot in expired:
+            del self._waiters[slot]
+            future = slot._future
+            if future is not None and not future.done():  # else its task was cancelled: nothing to say
+                self._expire(slot, future)
+        self._arm()
+
+    def _expire(self, slot: Slot, future: asyncio.Future[None]) -> None:
         waited = asyncio.get_running_loop().time() - slot.enqueued_at
         future.set_exception(
             QueueTimeout(

@@ -78,17 +78,18 @@ def client_address(request: Peer, trusted: tuple[IPNetwork, ...]) -> str:
 
 
 def write(ex: Exchange) -> None:
-    """Log one finished request."""
+    """Log one finished request.
+
+    The record is made and handed on directly: `Logger.info` would also look up
+    the caller's file and line, which no format here shows, and the text line is
+    only built if the text formatter asks for it.
+    """
     if not log.isEnabledFor(logging.INFO):
         return
-    fields = record_fields(ex)
-    log.info(
-        "%s %s %d %s",
-        ex.method,
-        ex.path,
-        ex.status,
-        ex.outcome,
-        extra={"log_line": text_line(ex), "log_fields": fields},
+    extra = {"log_line": lambda: text_line(ex), "log_fields": record_fields(ex)}
+    msg_args = (ex.method, ex.path, ex.status, ex.outcome)
+    log.handle(
+        log.makeRecord(log.name, logging.INFO, __file__, 0, "%s %s %d %s", msg_args, None, extra=extra)
     )
 
 
@@ -117,27 +118,22 @@ def text_line(ex: Exchange) -> str:
         tokens = "-"
     else:
         tokens = f"{_value(ex.prompt_tokens)}/{_value(ex.completion_tokens)}"
-    pairs = (
-        ("client", ex.client),
-        ("method", ex.method),
-        ("path", ex.path),
-        ("model", ex.model or None),
-        ("key", ex.owner or None),
-        ("status", ex.status),
-        ("outcome", ex.outcome),
-        ("wait", ex.waited),
-        ("duration", ex.duration),
-        ("bytes", ex.sent),
-        ("tokens", tokens),
+    return (
+        f"{iso_time(ex.arrived)} client={_value(ex.client)} method={_value(ex.method)} "
+        f"path={_value(ex.path)} model={_value(ex.model or None)} key={_value(ex.owner or None)} "
+        f"status={_value(ex.status)} outcome={_value(ex.outcome)} wait={_value(ex.waited)} "
+        f"duration={_value(ex.duration)} bytes={_value(ex.sent)} tokens={_value(tokens)}"
     )
-    return " ".join([iso_time(ex.arrived), *(f"{name}={_value(value)}" for name, value in pairs)])
 
 
 def _value(value: object) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
+    kind = type(value)
+    if kind is float:
         return f"{value:.3f}"
+    if kind is int:
+        return str(value)  # digits and a sign: always bare
     text = str(value)
     return text if _BARE.fullmatch(text) else json.dumps(text)
 

@@ -8,7 +8,8 @@ process that never called `setup` (tests that run a `Server` in-process keep
 pytest's own logging untouched).
 
 A record may carry two extras, used by the access log:
-`log_line`, the whole text line (it brings its own timestamp), and
+`log_line`, the whole text line (it brings its own timestamp), or a function
+that makes it (so that it is only built when it is written as text), and
 `log_fields`, top-level fields of the JSON object (`time` among them may
 replace the record's own).
 """
@@ -31,8 +32,16 @@ _LIBRARY_LOGGERS = ("aiohttp",)
 
 def iso_time(seconds: float) -> str:
     """RFC 3339 UTC with milliseconds, e.g. 2026-11-24T09:01:02.123Z: sorts as text, parses everywhere."""
+    global _second
     moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = moment.replace(microsecond=0)
+    if whole != _second[0]:  # one line per request: most share their second with the one before
+        _second = (whole, whole.strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_second[1]}{moment.microsecond // 1000:03d}Z"
+
+
+#: The last second `iso_time` formatted, and its text up to the fraction.
+_second: tuple[datetime | None, str] = (None, "")
 
 
 class TextFormatter(logging.Formatter):
@@ -43,6 +52,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = getattr(record, "log_line", None)
+        if callable(line):
+            line = line()
         return line if isinstance(line, str) else super().format(record)
 
 

@@ -97,9 +97,15 @@ class Meter:
         if end < 0:
             self._extend(chunk)
             return
-        complete = self._line + chunk[: end + 1] if self._line else chunk[: end + 1]
-        self._line.clear()
-        if _may_count(complete):
+        if self._line:
+            complete: bytes | bytearray | None = self._line + chunk[: end + 1]
+            self._line.clear()
+            if not _may_count(complete):
+                complete = None
+        else:
+            # Most chunks of a stream are whole lines without the counts: scan, copy nothing.
+            complete = chunk[: end + 1] if _may_count(chunk) else None
+        if complete is not None:
             for line in complete.split(b"\n"):
                 self._parse(line)
                 if self._usage is not None:

@@ -181,14 +181,17 @@ async def test_drain_cuts_what_outlives_the_grace_with_an_error_in_every_phase(s
     sim.tokens, sim.token_delay = 200, 0.05  # 10 s: longer than the grace
     path = write_config(
         tmp_path / "config.yaml", sim.url,
-        limits={"max_concurrent": 1}, heartbeat={"interval": "0.2s", "non_streaming": False},
+        limits={"max_concurrent": 2}, heartbeat={"interval": "0.2s", "non_streaming": False},
         shutdown_grace="0.6s",
     )  # fmt: skip
     proxy = await served(path)
     loop = asyncio.get_running_loop()
 
-    running = asyncio.create_task(stream(http, proxy.listen_url))
+    running = asyncio.create_task(stream(http, proxy.listen_url))  # generating
     await sim.wait_until(lambda: sim.active == 1)
+    sim.load_delay = 30
+    loading = asyncio.create_task(stream(http, proxy.listen_url))  # admitted, upstream still loading
+    await sim.wait_until(lambda: sim.active == 2)
     beating = asyncio.create_task(stream(http, proxy.listen_url))  # queued, keep-alive 200 out
 
     async def silent() -> tuple[int, dict, str | None]:
@@ -196,9 +199,9 @@ async def test_drain_cuts_what_outlives_the_grace_with_an_error_in_every_phase(s
         async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
             return resp.status, await resp.json(), resp.headers.get("Retry-After")
 
-    quiet = asyncio.create_task(silent())
+    quiet = asyncio.create_task(silent())  # queued, nothing sent yet
     await eventually(lambda: proxy.state.admission.waiting_total == 2)
-    await eventually(lambda: proxy.state.metrics.heartbeats._value.get() >= 1)
+    await eventually(lambda: proxy.state.metrics.heartbeats._value.get() >= 2)
 
     started = loop.time()
     await asyncio.wait_for(proxy.stop(), 5)
@@ -209,18 +212,23 @@ async def test_drain_cuts_what_outlives_the_grace_with_an_error_in_every_phase(s
     assert status == 200
     assert lines[0]["response"] != ""  # it was generating
     assert "shutdown_grace" in lines[-1]["error"]
-    status, lines = await beating
-    assert status == 200 and lines[0]["response"] == "" and "shutdown_grace" in lines[-1]["error"]
+    for task in (loading, beating):  # both had only keep-alive frames so far
+        status, lines = await task
+        assert status == 200 and lines[0]["response"] == "" and "shutdown_grace" in lines[-1]["error"]
     status, body, retry = await quiet
     assert (status, retry) == (503, "1")
     assert "shutdown_grace=600ms" in body["error"]
 
-    record = sim.records[0]
-    await sim.wait_until(lambda: record.peer_closed_at is not None)
-    assert not record.completed
-    assert len(sim.records) == 1  # the queued ones never reached upstream
+    for record in sim.records:  # upstream was told, by its connection closing
+        await sim.wait_until(lambda record=record: record.peer_closed_at is not None)
+        assert not record.completed
+    assert len(sim.records) == 2  # the queued ones never reached upstream
     assert proxy.state.admission.running_total == proxy.state.admission.waiting_total == 0
     assert not proxy.state.requests
+    text = proxy.state.metrics.render().decode()  # the admin port is closed by now
+    assert (
+        'ollama_proxy_requests_total{code="503",endpoint="/api/generate",model="llama3.2:latest"} 4.0' in text
+    )
 
 
 async def test_reloaded_keys_apply_to_the_next_request(sim, http, served, tmp_path):

@@ -20,6 +20,7 @@ key, header, prompt or response.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -138,7 +139,9 @@ def _value(value: object) -> str:
     return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
+@functools.lru_cache(maxsize=1024)
 def _trusted(peer: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    """Cached: the same few peers (cloudflared, a load balancer) ask on every request."""
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:

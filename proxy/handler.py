@@ -138,6 +138,8 @@ async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:
 
 async def _read_body(request: web.Request, config: Config) -> bytes:
     """The whole body within `request.body_timeout`, so a trickling client never reaches the queue."""
+    if not request.body_exists:
+        return b""  # most relayed-at-once requests (GET /api/tags): no timer to arm
     deadline = config.request.body_timeout
     try:
         async with asyncio.timeout(deadline):

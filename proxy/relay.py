@@ -57,15 +57,13 @@ def _strip_hop_by_hop(headers: CIMultiDictProxy[str], drop: frozenset[str] = HOP
         drop = drop | {
             token.strip().lower() for value in headers.getall("Connection") for token in value.split(",")
         }
-    # Every repeat of a name takes its first spelling: aiohttp's client folds
-    # "X-T" and "x-t" into one header, and upstream would lose a value.
+    items = [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    if len({name.lower() for name, _ in items}) == len({name for name, _ in items}):
+        return CIMultiDict(items)
+    # A name repeated in another spelling: aiohttp's client folds "X-T" and "x-t"
+    # into one header and upstream would lose a value, so every repeat takes the first.
     spelling: dict[str, str] = {}
-    kept = CIMultiDict[str]()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower not in drop:
-            kept.add(spelling.setdefault(lower, name), value)
-    return kept
+    return CIMultiDict([(spelling.setdefault(name.lower(), name), value) for name, value in items])
 
 
 def upstream_headers(request: web.Request, private: frozenset[str] = frozenset()) -> CIMultiDict[str]:

@@ -124,14 +124,16 @@ def table(results: Results, markdown: bool = False) -> str:
     servers = results.servers
     proxies = [name for name in servers if name.startswith("proxy")]
     head = ["figure", "unit", *servers]
+    floor = "aiohttp-floor" in servers  # a bare aiohttp relay: what aiohttp itself costs
     for name in proxies:
-        head += [f"{name}/direct", f"{name}/nginx"]
+        head += [f"{name}/direct", f"{name}/nginx"] + ([f"{name}/floor"] if floor else [])
     head += ["target", *(f"{name} verdict" for name in proxies)]
     body = []
     for row in rows(results):
         cells = [row.figure, row.unit, *(_fmt(row.values.get(name)) for name in servers)]
         for name in proxies:
             cells += [_ratio(row, name, "direct"), _ratio(row, name, "nginx")]
+            cells += [_ratio(row, name, "aiohttp-floor")] if floor else []
         cells += [row.target, *(row.verdict(name) for name in proxies)]
         body.append(cells)
     if markdown:

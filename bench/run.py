@@ -50,6 +50,8 @@ class Settings:
     heartbeat: float
     wait_seconds: float  # how long the waiters stay queued, frames timed meanwhile
     nginx: bool = True
+    #: Also a bare aiohttp relay (bench/floor.py): what aiohttp itself costs.
+    floor: bool = True
     uvloop: bool = False
     profile: Path | None = None
 
@@ -65,7 +67,7 @@ QUICK = Settings(
 #: For the test: every row, in seconds.
 SMALLEST = Settings(
     seconds=0.3, warmup=0.1, stream_seconds=0.5, streams=20, disconnects=8,
-    waiters=100, heartbeat=0.5, wait_seconds=1.6,
+    waiters=100, heartbeat=0.5, wait_seconds=1.6, floor=False,
 )  # fmt: skip
 
 
@@ -386,6 +388,9 @@ async def run(settings: Settings, say: Callable[[str], None] = lambda text: None
                     await throughput(server)
                     say(f"nginx: {settings.waiters} held requests")
                     await held(results, server, sim)
+            if settings.floor:
+                async with servers.floor(sim.url, work) as server:
+                    await throughput(server)
             for uvloop in proxies:
                 async with servers.proxy(sim.url, work, uvloop=uvloop) as server:
                     await throughput(server)

@@ -120,11 +120,7 @@ async def proxy(
     path = workdir / f"{name}-{server.port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = path.with_suffix(".log")
-    # -O under uvloop: proxy/listener.py asserts its transports subclass asyncio.Transport,
-    # which uvloop's do not; without asserts it runs (reported, not patched here).
-    command = (
-        [sys.executable, "-O", "-m", "bench.uvloop_proxy"] if uvloop else [sys.executable, "-m", "proxy"]
-    )
+    command = [sys.executable, "-m", "bench.uvloop_proxy"] if uvloop else [sys.executable, "-m", "proxy"]
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
             *command, "--config", str(path), cwd=REPO, stdout=sink, stderr=sink
@@ -132,6 +128,30 @@ async def proxy(
     try:
         await wait_listening(server.port, proc, log)
         await wait_listening(server.admin_port, proc, log)
+        server.procs.append(psutil.Process(proc.pid))
+        yield server
+    finally:
+        await _stop(proc)
+
+
+@contextlib.asynccontextmanager
+async def floor(upstream: str, workdir: Path) -> AsyncIterator[Server]:
+    """`bench/floor.py`: a bare aiohttp relay, the floor under any aiohttp proxy's costs."""
+    server = Server("aiohttp-floor", free_port())
+    log = workdir / f"floor-{server.port}.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.floor",
+            upstream,
+            str(server.port),
+            cwd=REPO,
+            stdout=sink,
+            stderr=sink,
+        )
+    try:
+        await wait_listening(server.port, proc, log)
         server.procs.append(psutil.Process(proc.pid))
         yield server
     finally:

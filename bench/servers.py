@@ -96,6 +96,20 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
+@contextlib.asynccontextmanager
+async def _running(
+    server: Server, proc: asyncio.subprocess.Process, log: Path, *ports: int
+) -> AsyncIterator[None]:
+    """Wait until `proc` listens on `ports`, count its CPU and memory as `server`'s; stop it after."""
+    try:
+        for port in ports:
+            await wait_listening(port, proc, log)
+        server.procs.append(psutil.Process(proc.pid))
+        yield
+    finally:
+        await _stop(proc)
+
+
 def proxy_config(upstream: str, port: int, admin_port: int, **limits: object) -> dict:
     """A proxy config for the bench; `limits` override limits.* keys."""
     return {
@@ -125,13 +139,8 @@ async def proxy(
         proc = await asyncio.create_subprocess_exec(
             *command, "--config", str(path), cwd=REPO, stdout=sink, stderr=sink
         )
-    try:
-        await wait_listening(server.port, proc, log)
-        await wait_listening(server.admin_port, proc, log)
-        server.procs.append(psutil.Process(proc.pid))
+    async with _running(server, proc, log, server.port, server.admin_port):
         yield server
-    finally:
-        await _stop(proc)
 
 
 @contextlib.asynccontextmanager
@@ -150,12 +159,8 @@ async def floor(upstream: str, workdir: Path) -> AsyncIterator[Server]:
             stdout=sink,
             stderr=sink,
         )
-    try:
-        await wait_listening(server.port, proc, log)
-        server.procs.append(psutil.Process(proc.pid))
+    async with _running(server, proc, log, server.port):
         yield server
-    finally:
-        await _stop(proc)
 
 
 NGINX_CONF = """\
@@ -229,9 +234,5 @@ async def nginx(binary: str, upstream_hostport: str, workdir: Path) -> AsyncIter
         binary, "-p", str(home), "-c", str(conf), "-e", str(log),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
-    try:
-        await wait_listening(server.port, proc, log)
-        server.procs.append(psutil.Process(proc.pid))
+    async with _running(server, proc, log, server.port):
         yield server
-    finally:
-        await _stop(proc)

@@ -270,7 +270,10 @@ async def test_queue_full_is_a_503_api_status_error_in_openai(sim, make_proxy, h
     assert len(sim.records) == 1
 
 
-async def test_unknown_model_is_the_clients_normal_404(sim, proxy, http):
+async def test_unknown_model_is_the_clients_normal_404(sim, make_proxy, http):
+    # Nothing waits here, so no frame is due: a long interval keeps a slow machine from sending one.
+    proxy = await make_proxy(heartbeat={"interval": "10s"})
+
     async def ollama_errors(url: str) -> list[ollama.ResponseError]:
         errors = []
         async with ollama_client(url) as client:

@@ -98,10 +98,12 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
-    """Upstream timeouts in seconds."""
+    """Timeouts in seconds: upstream's, and how long a client may leave our writes unread."""
 
     connect: float = 10.0
     read: float = 300.0
+    #: A client whose TCP window stays full this long is cut off, so its slot (and the GPU) go free.
+    write: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,7 +604,11 @@ _CONFIG = _section(
         ),
         "timeouts": _section(
             TimeoutsConfig,
-            {"connect": _duration(allow_zero=False), "read": _duration(allow_zero=False)},
+            {
+                "connect": _duration(allow_zero=False),
+                "read": _duration(allow_zero=False),
+                "write": _duration(allow_zero=False),
+            },
         ),
         "heartbeat": _section(
             HeartbeatConfig,
@@ -803,6 +809,7 @@ def summary(config: Config) -> str:
     rows += [
         ("timeouts.connect", format_duration(config.timeouts.connect)),
         ("timeouts.read", format_duration(config.timeouts.read)),
+        ("timeouts.write", format_duration(config.timeouts.write)),
         ("heartbeat.interval", format_duration(config.heartbeat.interval)),
         ("heartbeat.non_streaming", non_streaming),
         ("request.max_body", format_size(config.request.max_body)),

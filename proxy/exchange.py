@@ -26,7 +26,7 @@ class Exchange:
     #: The client key's name; "" when keys are off or before authentication.
     owner: str = ""
     status: int = CLIENT_GONE
-    #: ok, upstream_status, client_gone, shutdown, upstream_error, or a rejection reason.
+    #: ok, upstream_status, client_gone, client_stalled, shutdown, upstream_error, or a rejection reason.
     outcome: str = "client_gone"
     #: Where a request was when it ended early: queued or running.
     phase: str = "running"

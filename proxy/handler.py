@@ -36,7 +36,7 @@ from .errors import (
 from .exchange import CLIENT_GONE, Exchange
 from .frames import Wire
 from .relay import relay
-from .reply import Reply
+from .reply import ClientStalled, Reply
 from .state import STATE, ProxyState
 
 log = logging.getLogger("proxy.handler")
@@ -74,7 +74,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise _draining(state)
         body = await _read_body(request, config)
         if not route.queued:
-            reply = Reply(request, openai=route.openai)
+            reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write)
             ex.status = await _relay(state, config, request, path, body, reply)
             return await _finish(reply, ex)
 
@@ -88,6 +88,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             model=job.model,
             interval=config.heartbeat.interval if beats else 0.0,
             on_frame=state.metrics.heartbeats.inc,
+            write_timeout=config.timeouts.write,
         )
         slot = state.admission.slot(job.model, ex.owner)
         try:
@@ -118,7 +119,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if state.stopping and isinstance(exc, asyncio.CancelledError) and task.uncancel() == 0:
             return await _cut_at_shutdown(state, request, reply, route.openai, ex)
         state.metrics.disconnects.labels(ex.phase).inc()
-        log.info("client gone: %s %s model=%s phase=%s", ex.method, ex.path, ex.model or "-", ex.phase)
+        if isinstance(exc, ClientStalled):
+            ex.outcome = "client_stalled"
+            log.warning(
+                "client stalled: %s %s model=%s: %s; cut off", ex.method, ex.path, ex.model or "-", exc
+            )
+        else:
+            log.info("client gone: %s %s model=%s phase=%s", ex.method, ex.path, ex.model or "-", ex.phase)
         if isinstance(exc, asyncio.CancelledError):
             raise
         return reply.response if reply and reply.response else web.Response(status=CLIENT_GONE)

@@ -23,9 +23,15 @@ from . import frames
 from .errors import ProxyError, error_response
 from .frames import Wire
 
+#: Bytes waiting in the kernel for a client before a write may block on it, and gets a deadline.
+_BACKLOG = 16 * 1024
 #: How much earlier than `heartbeat.interval` a frame is due: a share, capped.
 _EARLY = 0.05
 _MAX_EARLY = 0.25
+
+
+class ClientStalled(ConnectionResetError):
+    """The client stopped reading: treated like a client that left (the connection is cut)."""
 
 
 class Reply:
@@ -34,7 +40,8 @@ class Reply:
     # Thousands live at once while clients wait: no per-instance dict.
     __slots__ = (
         "_request", "_openai", "_wire", "_model", "_aim", "_on_frame", "_lock", "_loop", "_last_sent",
-        "_tail", "_note", "_frame_task", "_ticker", "_beat_entry", "_writing", "response", "headers", "sent",
+        "_tail", "_note", "_frame_task", "_ticker", "_beat_entry", "_writing", "_write_timeout", "response",
+        "headers", "sent",
     )  # fmt: skip
 
     def __init__(
@@ -46,6 +53,7 @@ class Reply:
         model: str = "",
         interval: float = 0.0,
         on_frame: Callable[[], None] = lambda: None,
+        write_timeout: float = 60.0,
     ) -> None:
         self._request = request
         self._openai = openai
@@ -57,6 +65,7 @@ class Reply:
         # read the request all come on top of ours.
         self._aim = interval - min(interval * _EARLY, _MAX_EARLY)
         self._on_frame = on_frame
+        self._write_timeout = write_timeout
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._last_sent = self._loop.time()
@@ -106,7 +115,20 @@ class Reply:
 
     async def _write(self, chunk: bytes) -> None:
         assert self.response is not None, "start() before write()"
-        await self.response.write(chunk)
+        transport = self._request.transport
+        if transport is not None and transport.get_write_buffer_size() + len(chunk) > _BACKLOG:
+            # The client is behind, so this write may wait for it to read: not forever,
+            # or a client that stops reading would hold its slot and the GPU for nobody.
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    await self.response.write(chunk)
+            except TimeoutError:
+                transport.abort()
+                raise ClientStalled(
+                    f"client read nothing for {self._write_timeout:g}s (timeouts.write)"
+                ) from None
+        else:
+            await self.response.write(chunk)
         self.sent += len(chunk)
         self._last_sent = self._loop.time()
         self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]

@@ -6,12 +6,14 @@ import asyncio
 import json
 import random
 import re
+import socket
 
 import aiohttp
 import psutil
 import pytest
+from aiohttp import web
 
-from .conftest import eventually, proxy_config, running_proxy, sample, scrape
+from .conftest import eventually, proxy_config, running_proxy, sample, scrape, serving
 
 REQUEST = {"model": "llama3.2", "prompt": "tell me a long story"}
 
@@ -187,3 +189,52 @@ async def test_hundred_random_aborts_leave_no_close_wait_and_no_leaked_fd(sim, p
     gone = sum(1 for r in sim.records if r.peer_closed_at is not None)
     assert gone > 10  # the run really did abort generations mid-stream
     assert sim.peak <= 3
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(make_proxy, http):
+    closed = asyncio.Event()
+    served = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        """An upstream that streams NDJSON as fast as it may, until the proxy lets go."""
+        nonlocal served
+        served += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        if served > 1:  # the next request, once the slot is free: a short, whole answer
+            await response.write(b'{"done":true}\n')
+            return response
+        line = b'{"response":"' + b"x" * 1000 + b'","done":false}\n'
+        try:
+            while True:
+                await response.write(line * 64)
+        except (ConnectionResetError, asyncio.CancelledError):
+            closed.set()
+            raise
+
+    app = web.Application()
+    app.router.add_post("/api/generate", endless)
+    async with serving(app, handler_cancellation=True) as upstream:
+        proxy = await make_proxy(upstream, limits={"max_concurrent": 1}, timeouts={"write": "0.5s"})
+        host, port = proxy.listen_url.removeprefix("http://").split(":")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, int(port)))
+        try:
+            body = json.dumps({"model": "llama3.2", "prompt": "never read"}).encode()
+            head = f"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            await loop.sock_sendall(sock, head.encode() + body)  # ...and then never read
+            started = loop.time()
+            await asyncio.wait_for(closed.wait(), 10)
+            assert loop.time() - started < 5  # buffers fill in moments, then 0.5 s of stall
+            await eventually(lambda: proxy.state.admission.running_total == 0)
+        finally:
+            sock.close()
+
+        # The slot went to the next request, which is served whole.
+        async with http.post(proxy.listen_url + "/api/generate", json={"model": "llama3.2"}) as resp:
+            assert resp.status == 200 and await resp.read() == b'{"done":true}\n'
+        metrics = await scrape(http, proxy)
+        assert sample(metrics, "ollama_proxy_client_disconnects_total", phase="running") == 1

@@ -25,9 +25,10 @@ from collections import Counter
 from .classify import canonical_model
 from .config import LimitsConfig, format_duration
 from .errors import OwnerQueueFull, QueueFull, QueueTimeout
+from .text import counted
 
-#: Without any finished request to learn from, suggest retrying after this.
-_DEFAULT_RETRY_AFTER = 10
+#: How long a slot is taken to be held until a request has finished to learn from.
+_DEFAULT_HOLD = 10.0
 _MAX_RETRY_AFTER = 600
 
 
@@ -132,12 +133,22 @@ class Admission:
     def waiting_by_model(self) -> Counter[str]:
         return Counter(slot.key for slot in self._waiters)
 
-    def retry_after(self) -> int:
-        """Seconds until a slot is likely to free up, from recent hold times."""
-        if self._avg_hold is None:
-            return _DEFAULT_RETRY_AFTER
-        estimate = math.ceil(self._avg_hold / self._limits.max_concurrent)
-        return max(1, min(_MAX_RETRY_AFTER, estimate))
+    def retry_after(self, key: str | None = None) -> int:
+        """Seconds until a request for model `key` (canonical) that came now would likely get a slot.
+
+        A client told to retry joins the back of the queue as it stands, so the
+        estimate is the time to serve everyone waiting now, `max_concurrent` at a
+        time (or the model's cap at a time, for those of a capped model), plus
+        one hold for the slots busy now: ceil((ahead / slots + 1) * average
+        hold). Telling a crowd of rejected clients less only brings them back
+        into a queue that is still full, until their retries run out.
+        """
+        hold = _DEFAULT_HOLD if self._avg_hold is None else self._avg_hold
+        rounds = len(self._waiters) / self._limits.max_concurrent
+        cap = None if key is None else self._caps.get(key)
+        if cap is not None and cap < self._limits.max_concurrent:
+            rounds = max(rounds, sum(1 for slot in self._waiters if slot.key == key) / cap)
+        return max(1, min(_MAX_RETRY_AFTER, math.ceil((rounds + 1) * hold)))
 
     # -- the slot protocol ------------------------------------------------------
 
@@ -159,17 +170,17 @@ class Admission:
         limits = self._limits
         if len(self._waiters) >= limits.max_queue:
             raise QueueFull(
-                f"queue full: {len(self._waiters)} requests waiting, max_queue={limits.max_queue}; "
+                f"queue full: {counted(len(self._waiters), 'request')} waiting, max_queue={limits.max_queue}; "
                 "retry later, or raise limits.max_queue",
-                retry_after=self.retry_after(),
+                retry_after=self.retry_after(slot.key),
             )
         if self._per_owner and slot.owner:
             mine = sum(1 for other in self._waiters if other.owner == slot.owner)
             if mine >= self._per_owner:
                 raise OwnerQueueFull(
-                    f"key {slot.owner!r} already has {mine} requests waiting, "
+                    f"key {slot.owner!r} already has {counted(mine, 'request')} waiting, "
                     f"access.max_queued_per_key={self._per_owner}; wait for them to finish",
-                    retry_after=self.retry_after(),
+                    retry_after=self.retry_after(slot.key),
                 )
         loop = asyncio.get_running_loop()
         slot._future = loop.create_future()
@@ -255,8 +266,8 @@ class Admission:
         future.set_exception(
             QueueTimeout(
                 f"waited {waited:.1f}s for a slot, longer than limits.queue_timeout="
-                f"{format_duration(self._limits.queue_timeout)}; all {self._limits.max_concurrent} slots stayed busy",
-                retry_after=self.retry_after(),
+                f"{format_duration(self._limits.queue_timeout)}; {counted(self._limits.max_concurrent, 'slot')} stayed busy",
+                retry_after=self.retry_after(slot.key),
             )
         )
 

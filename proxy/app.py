@@ -23,6 +23,7 @@ from .config import Config, ConfigError, format_duration, load_config
 from .handler import handle
 from .metrics import Metrics
 from .state import STATE, ProxyState
+from .text import counted
 
 log = logging.getLogger("proxy")
 
@@ -131,8 +132,9 @@ class Server:
         grace = state.config.shutdown_grace
         admission = state.admission
         log.info(
-            "draining: %d running, %d waiting, %d requests in progress, grace %s",
-            admission.running_total, admission.waiting_total, len(state.requests), format_duration(grace),
+            "draining: %d running, %d waiting, %s in progress, grace %s",
+            admission.running_total, admission.waiting_total, counted(len(state.requests), "request"),
+            format_duration(grace),
         )  # fmt: skip
         try:
             async with asyncio.timeout(grace):

@@ -101,7 +101,10 @@ class TimeoutsConfig:
     """Timeouts in seconds: upstream's, and how long a client may leave our writes unread."""
 
     connect: float = 10.0
+    #: Longest silence between a streamed answer's chunks (and before its headers).
     read: float = 300.0
+    #: A non-streamed answer is silent until it is whole, so it gets a bound on its whole time instead.
+    generation: float = 1800.0
     #: A client whose TCP window stays full this long is cut off, so its slot (and the GPU) go free.
     write: float = 60.0
 
@@ -607,6 +610,7 @@ _CONFIG = _section(
             {
                 "connect": _duration(allow_zero=False),
                 "read": _duration(allow_zero=False),
+                "generation": _duration(allow_zero=False),
                 "write": _duration(allow_zero=False),
             },
         ),
@@ -809,6 +813,7 @@ def summary(config: Config) -> str:
     rows += [
         ("timeouts.connect", format_duration(config.timeouts.connect)),
         ("timeouts.read", format_duration(config.timeouts.read)),
+        ("timeouts.generation", f"{format_duration(config.timeouts.generation)} per non-streaming answer"),
         ("timeouts.write", format_duration(config.timeouts.write)),
         ("heartbeat.interval", format_duration(config.heartbeat.interval)),
         ("heartbeat.non_streaming", non_streaming),

@@ -30,10 +30,13 @@ class ProxyError(Exception):
     #: Response headers that belong to this kind of failure (a 401's challenge, say).
     headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = None, detail: str = "") -> None:
         super().__init__(message)
+        #: What the client is told: no internal address and no config advice, as it may be anyone.
         self.message = message
         self.retry_after = retry_after
+        #: What the log says: the message, or a fuller account for the operator (where, which key).
+        self.detail = detail or message
 
 
 class BadRequest(ProxyError):

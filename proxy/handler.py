@@ -185,10 +185,15 @@ async def _relay(
     ex: Exchange | None = None,
     streaming: bool = False,
 ) -> int:
-    """Relay to upstream; for a generation (`ex` given), also note what upstream says it cost."""
+    """Relay to upstream; for a generation (`ex` given), also note what upstream says it cost.
+
+    A non-streamed generation is silent upstream until its answer is whole, so
+    it is bounded by `timeouts.generation` in all instead of `timeouts.read`.
+    """
     assert state.session is not None, "client session is opened in cleanup_ctx"
+    whole = ex is not None and not streaming
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
+        total=None, sock_connect=config.timeouts.connect, sock_read=None if whole else config.timeouts.read
     )
     meter = usage.Meter(asyncio.get_running_loop().time) if ex is not None else None
     # Stays 0 if relay raises: any body it had relayed by then came with a success status.
@@ -204,6 +209,7 @@ async def _relay(
             meter.feed if meter else None,
             path=path,
             private=access.private_headers(config.access),
+            generation=config.timeouts.generation if whole else None,
         )
     finally:
         if meter is not None and ex is not None:
@@ -265,7 +271,7 @@ def _count_failure(state: ProxyState, err: ProxyError, ex: Exchange) -> None:
     # ex.path is canonical and escaped: a client cannot split a log line with it.
     if isinstance(err, UpstreamError):
         state.metrics.upstream_errors.labels(err.kind).inc()
-        log.warning("upstream error (%s): %s %s: %s", err.kind, ex.method, ex.path, err.message)
+        log.warning("upstream error (%s): %s %s: %s", err.kind, ex.method, ex.path, err.detail)
     else:
         state.metrics.rejected.labels(err.reason).inc()
-        log.info("rejected (%s): %s %s: %s", err.reason, ex.method, ex.path, err.message)
+        log.info("rejected (%s): %s %s: %s", err.reason, ex.method, ex.path, err.detail)

@@ -8,8 +8,11 @@ so an abandoned generation takes its socket, and Ollama's work, with it.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -49,6 +52,36 @@ _ERROR_BODY_LIMIT = 64 * 1024
 
 
 _UPSTREAM_DROP = HOP_BY_HOP | _REQUEST_ONLY
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    """The whole time a non-streamed answer may take upstream (`timeouts.generation`).
+
+    Ollama sends nothing of such an answer until it is complete, so a bound on
+    silence (`timeouts.read`) would cut every long answer; this bounds the whole
+    instead, from the moment the request goes upstream.
+    """
+
+    length: float
+    deadline: float
+
+    async def within(self, step: Awaitable[_T]) -> _T:
+        timer = asyncio.timeout_at(self.deadline)
+        try:
+            async with timer:
+                return await step
+        except TimeoutError:
+            if not timer.expired():
+                raise  # not ours: let the caller judge it
+            raise UpstreamTimeout(
+                f"upstream did not finish the answer within {format_duration(self.length)}; "
+                "ask for a shorter answer, or stream it",
+                detail=f"upstream did not finish a non-streaming answer within {format_duration(self.length)} "
+                "(timeouts.generation); raise it for longer answers, or have clients stream",
+            ) from None
 
 
 def _strip_hop_by_hop(headers: CIMultiDictProxy[str], drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
@@ -94,6 +127,7 @@ async def relay(
     *,
     path: str,
     private: frozenset[str] = frozenset(),
+    generation: float | None = None,
 ) -> int:
     """Send the request upstream and copy the answer to `reply`; return upstream's status.
 
@@ -103,12 +137,19 @@ async def relay(
     `on_chunk` sees each body chunk once the client has been sent it (to meter
     usage without delaying a byte).
 
+    `generation`, for a non-streamed answer, bounds the whole time upstream
+    takes to send it; `timeout` then should not bound silence (`sock_read`),
+    since such an answer is silent until it is whole.
+
     Raises an `UpstreamError` for upstream failures. A client that vanishes
     surfaces here as cancellation or a write error, and the `finally` closes
     the upstream connection in both cases.
     """
+    budget = (
+        None if generation is None else _Budget(generation, asyncio.get_running_loop().time() + generation)
+    )
     try:
-        upstream = await session.request(
+        sent = session.request(
             request.method,
             # Already resolved and escaped: `encoded` keeps yarl from doing either again.
             URL(base_url + _with_query(path, request.raw_path), encoded=True),
@@ -117,21 +158,26 @@ async def relay(
             allow_redirects=False,
             timeout=timeout,
         )
+        upstream = await (sent if budget is None else budget.within(sent))
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         raise UpstreamUnreachable(
-            f"cannot reach upstream {base_url}: {_describe(exc)}; is Ollama running there? (upstream.url)"
+            "upstream is unreachable; retry later",
+            detail=f"cannot reach upstream {base_url}: {_describe(exc)}; is Ollama running there? (upstream.url)",
         ) from None
     except aiohttp.ServerTimeoutError:
-        raise _silent(timeout) from None
+        raise _silent(timeout, base_url) from None
     except aiohttp.ClientError as exc:
-        raise UpstreamReset(f"upstream {base_url} closed the connection: {_describe(exc)}") from None
+        raise UpstreamReset(
+            "upstream closed the connection before answering; retry later",
+            detail=f"upstream {base_url} closed the connection before answering: {_describe(exc)}",
+        ) from None
 
     complete = False
     try:
         if not await reply.start(upstream.status, downstream_headers(upstream)):
             # A keep-alive 200 is already out; an error status can only go in-band.
             if upstream.status >= 400:
-                raise UpstreamStatus(upstream.status, await _error_message(upstream, timeout))
+                raise UpstreamStatus(upstream.status, await _error_message(upstream, timeout, budget))
             encoding = upstream.headers.get("Content-Encoding", "identity")
             if encoding.lower() != "identity":
                 raise UpstreamEncoded(
@@ -139,7 +185,7 @@ async def relay(
                     "frames had begun it uncompressed; clients that wait in the queue must not send "
                     "Accept-Encoding"
                 )
-        while chunk := await _read(upstream, timeout):
+        while chunk := await _read(upstream, timeout, budget):
             await reply.write(chunk)
             if on_chunk is not None:
                 on_chunk(chunk)
@@ -152,18 +198,25 @@ async def relay(
             upstream.close()
 
 
-async def _read(upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout) -> bytes:
+async def _read(
+    upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout, budget: _Budget | None
+) -> bytes:
     """The next bytes upstream has, as they come; b"" at the end.
 
     Kept apart from the write to the client so that an upstream failure and a
-    client that has gone away can never be mistaken for each other.
+    client that has gone away can never be mistaken for each other, and so
+    that `budget` counts upstream's time only, never a slow client's.
     """
     try:
-        return await upstream.content.readany()
+        step = upstream.content.readany()
+        return await (step if budget is None else budget.within(step))
     except aiohttp.ServerTimeoutError:
-        raise _silent(timeout) from None
+        raise _silent(timeout, _origin(upstream)) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamReset(f"upstream broke off the response: {_describe(exc)}") from None
+        raise UpstreamReset(
+            "upstream broke off the response; retry the request",
+            detail=f"upstream {_origin(upstream)} broke off the response: {_describe(exc)}",
+        ) from None
 
 
 def _with_query(path: str, raw_path: str) -> str:
@@ -172,17 +225,26 @@ def _with_query(path: str, raw_path: str) -> str:
     return f"{path}?{query}" if query else path
 
 
-def _silent(timeout: aiohttp.ClientTimeout) -> UpstreamTimeout:
+def _silent(timeout: aiohttp.ClientTimeout, base_url: str) -> UpstreamTimeout:
+    silence = format_duration(timeout.sock_read or 0)
     return UpstreamTimeout(
-        f"upstream sent nothing for {format_duration(timeout.sock_read or 0)} (timeouts.read); "
-        "the model may be stuck or the timeout too short for it"
+        f"upstream sent nothing for {silence}; the model may be stuck, retry later",
+        detail=f"upstream {base_url} sent nothing for {silence} (timeouts.read); "
+        "the model may be stuck or the timeout too short for it",
     )
 
 
-async def _error_message(upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout) -> str:
+def _origin(upstream: aiohttp.ClientResponse) -> str:
+    """Where upstream is, for the log (its URL is the operator's business, not the client's)."""
+    return str(upstream.url.origin())
+
+
+async def _error_message(
+    upstream: aiohttp.ClientResponse, timeout: aiohttp.ClientTimeout, budget: _Budget | None
+) -> str:
     """Upstream's own error text, so an in-band error says what Ollama said."""
     raw = b""
-    while len(raw) < _ERROR_BODY_LIMIT and (chunk := await _read(upstream, timeout)):
+    while len(raw) < _ERROR_BODY_LIMIT and (chunk := await _read(upstream, timeout, budget)):
         raw += chunk
     text = raw[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").strip()
     try:

@@ -78,7 +78,7 @@ async def test_full_queue_gets_503_with_retry_after_in_both_shapes(sim, make_pro
         assert int(resp.headers["Retry-After"]) >= 1
         assert resp.content_type == "application/json"
         error = (await resp.json())["error"]
-        assert error.startswith("queue full: 1 requests waiting, max_queue=1")
+        assert error.startswith("queue full: 1 request waiting, max_queue=1")
     async with http.post(
         proxy.listen_url + "/v1/chat/completions", json={"model": "llama3.2", "messages": []}
     ) as resp:

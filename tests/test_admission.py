@@ -10,6 +10,7 @@ from types import MappingProxyType
 import pytest
 
 from proxy.admission import Admission
+from proxy.classify import canonical_model
 from proxy.config import LimitsConfig
 from proxy.errors import QueueFull, QueueTimeout
 
@@ -160,7 +161,7 @@ async def test_queue_timeout_removes_the_waiter():
         async with adm.slot("m"):
             pass
     assert 0.04 <= loop.time() - t0 < 1.0
-    assert "longer than limits.queue_timeout=50ms" in info.value.message
+    assert info.value.message.endswith("longer than limits.queue_timeout=50ms; 1 slot stayed busy")
     assert adm.waiting_total == 0
     holder.finish.set()
     await holder.task
@@ -284,6 +285,21 @@ async def test_a_shorter_queue_timeout_applies_to_those_already_waiting():
     assert_idle(adm)
 
 
+async def test_retry_after_for_a_capped_model_counts_its_own_queue_at_its_cap():
+    """4 slots, but one `big` at a time: 3 bigs waiting take 3 holds, whatever is free."""
+    adm = Admission(limits(max_concurrent=4, big=1))
+    holders = [Holder(adm, "big", [], str(i)) for i in range(4)]
+    await holders[0].admitted.wait()
+    await settle()
+    assert adm.waiting_total == 3
+    assert adm.retry_after(canonical_model("big")) == 40  # (3 / 1 + 1) x 10 s
+    assert adm.retry_after(canonical_model("small")) == 18  # (3 / 4 + 1) x 10 s: the global queue ahead
+    for holder in holders:
+        holder.finish.set()
+    await asyncio.gather(*(holder.task for holder in holders))
+    assert_idle(adm)
+
+
 async def test_positions_and_retry_after():
     adm = Admission(limits(max_concurrent=1))
     holder = Holder(adm, "m", [], "a")
@@ -292,10 +308,11 @@ async def test_positions_and_retry_after():
     tasks = [asyncio.create_task(s.__aenter__()) for s in slots]
     await settle()
     assert [s.position() for s in slots] == [(1, 3), (2, 3), (3, 3)]
-    assert adm.retry_after() == 10  # nothing finished yet: the default
+    assert adm.retry_after() == 40  # nothing finished yet: 3 ahead and the one running, 10 s a hold
     tasks[1].cancel()
     await settle()
     assert [slots[0].position(), slots[2].position()] == [(1, 2), (2, 2)]
+    assert adm.retry_after() == 30
     for t in tasks:
         t.cancel()
     holder.finish.set()

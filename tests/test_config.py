@@ -56,6 +56,7 @@ def test_default_values_match_the_contract() -> None:
     assert config.limits == LimitsConfig(max_concurrent=3, max_queue=100, queue_timeout=600.0)
     assert dict(config.limits.models) == {}
     assert (config.timeouts.connect, config.timeouts.read) == (10.0, 300.0)
+    assert config.timeouts.generation == 1800.0
     assert (config.heartbeat.interval, config.heartbeat.non_streaming) == (15.0, True)
     assert config.request.max_body == 64 * 1024 * 1024
     assert config.metrics.path == "/metrics"
@@ -141,14 +142,14 @@ def test_durations_and_sizes_are_parsed_in_the_config() -> None:
     config = config_from_dict(
         {
             "limits": {"queue_timeout": "90s"},
-            "timeouts": {"connect": "250ms", "read": 60},
+            "timeouts": {"connect": "250ms", "read": 60, "generation": "1h"},
             "heartbeat": {"interval": "1m"},
             "request": {"max_body": "1MiB"},
             "shutdown_grace": 0,
         }
     )
     assert config.limits.queue_timeout == 90.0
-    assert (config.timeouts.connect, config.timeouts.read) == (0.25, 60.0)
+    assert (config.timeouts.connect, config.timeouts.read, config.timeouts.generation) == (0.25, 60.0, 3600.0)
     assert config.heartbeat.interval == 60.0
     assert config.request.max_body == 1024**2
     assert config.shutdown_grace == 0.0
@@ -195,6 +196,10 @@ def test_unknown_top_level_key_suggests_section() -> None:
         (
             {"timeouts": {"read": "5 minutes"}},
             'timeouts.read: must be a duration > 0, such as 250ms, 30s, 5m or 1h (got "5 minutes")',
+        ),
+        (
+            {"timeouts": {"generation": 0}},
+            "timeouts.generation: must be a duration > 0, such as 250ms, 30s, 5m or 1h (got 0)",
         ),
         (
             {"shutdown_grace": "-1s"},
@@ -384,6 +389,7 @@ def test_summary_of_defaults_shows_the_key_figures() -> None:
         "limits.queue_timeout     10m",
         "timeouts.connect         10s",
         "timeouts.read            5m",
+        "timeouts.generation      30m per non-streaming answer",
         "heartbeat.interval       15s",
         "heartbeat.non_streaming  true",
         "request.max_body         64 MiB",

@@ -46,6 +46,8 @@ REQUESTS = int(os.environ.get("CHAOS_REQUESTS", "60"))
 SEEDS = [int(os.environ["CHAOS_SEED"])] if "CHAOS_SEED" in os.environ else list(range(1, RUNS + 1))
 READ_TIMEOUT = 0.5
 GRACE = 0.3  # shorter than READ_TIMEOUT, so a request hung upstream outlives a drain
+#: A non-streamed answer's bound (it is silent until whole, so `read` does not apply to it).
+GENERATION = 2.0
 SLOW_LOAD = 0.3  # a "slow" window's load_delay: longer than every heartbeat interval used
 CLIENT_TIMEOUT = 15.0
 #: Upstream closed after its client left. The contract says 100 ms (tested exactly in
@@ -186,7 +188,7 @@ def config_for(plan: Plan, upstream: str, limit: int, caps: dict[str, int]) -> d
             "max_queue": s.max_queue,
             "queue_timeout": s.queue_timeout,
         },
-        timeouts={"connect": 0.5, "read": READ_TIMEOUT},
+        timeouts={"connect": 0.5, "read": READ_TIMEOUT, "generation": GENERATION},
         heartbeat={"interval": s.interval, "non_streaming": s.non_streaming},
         shutdown_grace=GRACE,
     )

@@ -75,6 +75,17 @@ async def test_generation_running_out_after_keepalive_is_an_inband_504(sim, make
     await sim.wait_until(lambda: sim.records[0].peer_closed_at is not None)
 
 
+async def test_generation_bounds_a_body_that_stalls_after_its_headers(sim, make_proxy, http, caplog):
+    """Headers and half the body, then silence: cut off (a Content-Length body has no room for an
+    error), upstream closed, and the log says which bound it was."""
+    sim.fault = "hang_body"
+    proxy = await make_proxy(timeouts={"read": "10s", "generation": "300ms"}, heartbeat={"interval": "10s"})
+    status, body = await _post(http, proxy.listen_url + "/api/generate", {"model": MODEL, "stream": False})
+    assert status == 200 and body and not body.endswith(b"}")
+    await sim.wait_until(lambda: sim.records[0].peer_closed_at is not None)
+    assert "(timeouts.generation)" in caplog.text
+
+
 async def test_streaming_is_bounded_by_read_not_generation(sim, make_proxy, http):
     sim.tokens, sim.token_delay = 8, 0.1  # 0.8 s in all, never more than 0.1 s silent
     proxy = await make_proxy(timeouts={"read": "500ms", "generation": "300ms"}, heartbeat={"interval": "10s"})

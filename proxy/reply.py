@@ -15,6 +15,7 @@ import heapq
 import itertools
 import weakref
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from . import frames
 from .errors import ProxyError, error_response
 from .frames import Wire
 
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 #: Bytes waiting in the kernel for a client before a write may block on it, and gets a deadline.
 _BACKLOG = 16 * 1024
 #: How much earlier than `heartbeat.interval` a frame is due: a share, capped.
@@ -41,7 +43,7 @@ class Reply:
     __slots__ = (
         "_request", "_openai", "_wire", "_model", "_aim", "_on_frame", "_lock", "_loop", "_last_sent",
         "_tail", "_note", "_frame_task", "_ticker", "_beat_entry", "_writing", "_write_timeout", "response",
-        "headers", "sent",
+        "headers", "sent", "_cors",
     )  # fmt: skip
 
     def __init__(
@@ -54,8 +56,11 @@ class Reply:
         interval: float = 0.0,
         on_frame: Callable[[], None] = lambda: None,
         write_timeout: float = 60.0,
+        cors: Mapping[str, str] = _NO_HEADERS,
     ) -> None:
         self._request = request
+        # CORS headers for the responses the proxy makes itself; upstream's carry its own.
+        self._cors = cors
         self._openai = openai
         # No wire means no keep-alive: relayed-at-once requests never wait long.
         self._wire = wire
@@ -150,17 +155,36 @@ class Reply:
             if self.response is None:
                 response = error_response(err, openai=self._openai)
                 response.headers.update(self.headers)
+                response.headers.update(self._cors)
                 self.sent = len(response.body or b"")
                 return response
-            if self._wire is not None and frames.at_boundary(self._wire, self._tail):
+            wire = self._wire
+            if wire is not None and frames.at_boundary(wire, self._tail):
                 with contextlib.suppress(ConnectionResetError):  # the client left too
-                    error = frames.inband_error(self._wire, err, openai=self._openai)
-                    await self.response.write(error)
-                    self.sent += len(error)
-                    await self.response.write_eof()
-            elif self._request.transport is not None:
-                self._request.transport.close()
+                    await self._write(frames.inband_error(wire, err, openai=self._openai))
+                    if wire is not Wire.JSON:
+                        # NDJSON and SSE clients read the error line as the end.
+                        await self.response.write_eof()
+                        return self.response
+            # A whole `{"error":...}` body under a 200 reads as an empty success to
+            # the `ollama` and `openai` libraries; unterminated, it is a transport
+            # error to every client, and curl still shows the message.
+            self._cut()
             return self.response
+
+    def _cut(self) -> None:
+        """End the response without its chunked terminator: close the connection once the
+        bytes written so far have gone out, or abort it if the client will not take them.
+
+        aiohttp's own `write_eof` after the handler returns then meets a closing
+        transport, which it takes for a client that left: no terminator, no traceback.
+        """
+        transport = self._request.transport
+        if transport is None:
+            return  # already gone
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._loop.call_later(self._write_timeout, transport.abort)
 
     def keepalive(self, note: Callable[[], str]) -> _KeepAlive:
         """Beat alongside the body of the `async with`; `note` says where we stand (SSE)."""
@@ -203,7 +227,8 @@ class Reply:
         if self.response is None:
             await self._prepare(
                 web.StreamResponse(
-                    status=200, headers={"Content-Type": frames.content_type(wire, openai=self._openai)}
+                    status=200,
+                    headers={"Content-Type": frames.content_type(wire, openai=self._openai), **self._cors},
                 )
             )
         assert self.response is not None

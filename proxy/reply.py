@@ -15,16 +15,15 @@ import heapq
 import itertools
 import weakref
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
 
 from . import frames
+from .access import CorsHeaders
 from .errors import ProxyError, error_response
 from .frames import Wire
 
-_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 #: Bytes waiting in the kernel for a client before a write may block on it, and gets a deadline.
 _BACKLOG = 16 * 1024
 #: How much earlier than `heartbeat.interval` a frame is due: a share, capped.
@@ -56,7 +55,7 @@ class Reply:
         interval: float = 0.0,
         on_frame: Callable[[], None] = lambda: None,
         write_timeout: float = 60.0,
-        cors: Mapping[str, str] = _NO_HEADERS,
+        cors: CorsHeaders = (),
     ) -> None:
         self._request = request
         # CORS headers for the responses the proxy makes itself; upstream's carry its own.
@@ -153,9 +152,8 @@ class Reply:
         """
         async with self._lock:
             if self.response is None:
-                response = error_response(err, openai=self._openai)
+                response = error_response(err, openai=self._openai, cors=self._cors)
                 response.headers.update(self.headers)
-                response.headers.update(self._cors)
                 self.sent = len(response.body or b"")
                 return response
             wire = self._wire
@@ -225,12 +223,11 @@ class Reply:
 
     async def _send_frame(self, wire: Wire, note: str) -> None:
         if self.response is None:
-            await self._prepare(
-                web.StreamResponse(
-                    status=200,
-                    headers={"Content-Type": frames.content_type(wire, openai=self._openai), **self._cors},
-                )
+            response = web.StreamResponse(
+                status=200, headers={"Content-Type": frames.content_type(wire, openai=self._openai)}
             )
+            response.headers.extend(self._cors)
+            await self._prepare(response)
         assert self.response is not None
         frame = frames.keepalive(wire, self._model, note)
         await self.response.write(frame)

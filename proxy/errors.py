@@ -81,6 +81,13 @@ class Draining(ProxyError):
     reason = "draining"
 
 
+class TooManyConnections(ProxyError):
+    """`listen.max_connections` are open: answered on the connection before a handler runs."""
+
+    status = 503
+    reason = "too_many_connections"
+
+
 class ShuttingDown(ProxyError):
     """The drain's grace ran out while this request was still unfinished."""
 

@@ -7,21 +7,23 @@ to a client on the public internet:
 * header size and count, and how long the headers may take (`request.max_header_size`,
   `request.header_timeout`): aiohttp's own parser and keep-alive timer, given our limits;
 * how many connections may be open at once (`listen.max_connections`): a site whose
-  protocol factory counts connections and answers the one over the cap with a canned 503;
+  protocol factory counts connections and answers the one over the cap with a canned 503
+  (in OpenAI's shape when its request line names a `/v1` path);
 * what a malformed request may write to the log: one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 
+from . import access, classify
 from .config import RequestConfig
+from .errors import JSON_NATIVE, JSON_OPENAI, BadRequest, TooManyConnections, error_body
 
 #: More header lines than any real client sends (browsers: ~20; aiohttp's default is 128).
 MAX_HEADERS = 100
@@ -29,6 +31,11 @@ MAX_HEADERS = 100
 #: with unread request bytes would send an RST, which can destroy the 503 in
 #: flight; reading them for a moment lets the client see why it was refused.
 REFUSAL_LINGER = 1.0
+#: How long a refused connection has to send its request line, which picks the 503's shape
+#: (Ollama's, or OpenAI's on /v1); then Ollama's. Clients send it as soon as they connect.
+REFUSAL_PEEK = 0.25
+#: A request line longer than this is not looked at: the 503 is in Ollama's shape.
+REFUSAL_PEEK_BYTES = 8192
 #: At most one "connections refused" warning this often, however many are refused.
 REFUSAL_LOG_INTERVAL = 60.0
 #: A bad request's reason is client-controlled text: logged on one line, this long at most.
@@ -105,7 +112,7 @@ class ConnectionCap:
         self.open = 0
         #: Connections refused since start.
         self.refused = 0
-        self._refusal = _refusal_bytes(limit)
+        self._refusals = (_refusal_bytes(limit, openai=False), _refusal_bytes(limit, openai=True))
         self._lingering: set[asyncio.Transport] = set()
         self._logged_at: float | None = None
 
@@ -132,7 +139,7 @@ class ConnectionCap:
 
     def refuse(self, transport: asyncio.Transport) -> None:
         """Hand the connection over to a `_Refusal`, kept track of until it closes."""
-        refusal = _Refusal(self._refusal, self._lingering)
+        refusal = _Refusal(self._refusals, self._lingering)
         transport.set_protocol(refusal)
         refusal.connection_made(transport)
 
@@ -189,27 +196,46 @@ class _Gate(asyncio.Protocol):
 
 
 class _Refusal(asyncio.Protocol):
-    """Answer 503 at once, half-close, and discard what the client sends until it
-    stops sending or `REFUSAL_LINGER` has passed; the request is never parsed."""
+    """Answer 503 as soon as the request line shows which shape it takes, half-close, and
+    discard what the client sends until it stops sending or `REFUSAL_LINGER` has passed.
 
-    def __init__(self, answer: bytes, lingering: set[asyncio.Transport]) -> None:
-        self._answer = answer
+    Only the request line is looked at (at most `REFUSAL_PEEK_BYTES`, for at most
+    `REFUSAL_PEEK`), and only for its path: the request is never parsed further.
+    """
+
+    def __init__(self, answers: tuple[bytes, bytes], lingering: set[asyncio.Transport]) -> None:
+        self._answers = answers  # (Ollama's shape, OpenAI's)
         self._lingering = lingering
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._head: bytes | None = b""  # the request line so far; None once answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._lingering.add(transport)
-        transport.write(self._answer)
-        transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_PEEK, self._answer, False)
 
     def data_received(self, data: bytes) -> None:
-        pass  # the request is not read: drained only so that closing sends no RST
+        if self._head is None:
+            return  # answered: drained only so that closing sends no RST
+        self._head += data
+        line, newline, _ = self._head.partition(b"\n")
+        if newline or len(self._head) >= REFUSAL_PEEK_BYTES:
+            self._answer(bool(newline) and _names_openai_path(line))
+
+    def _answer(self, openai: bool) -> None:
+        assert self._transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._head = None
+        self._transport.write(self._answers[openai])
+        self._transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self._transport.abort)
 
     def eof_received(self) -> bool:
+        if self._head is not None:
+            self._answer(False)  # no whole request line will come
         return False  # the client is done too: close now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -219,14 +245,22 @@ class _Refusal(asyncio.Protocol):
             self._lingering.discard(self._transport)
 
 
-def _refusal_bytes(limit: int) -> bytes:
-    body = json.dumps(
-        {"error": f"too many connections: listen.max_connections={limit}; retry shortly"},
-        separators=(",", ":"),
-    ).encode()
+def _names_openai_path(request_line: bytes) -> bool:
+    """Whether a request line's target is a path the handler would answer in OpenAI's shape."""
+    method, _, rest = request_line.decode("latin-1").partition(" ")
+    target = rest.rpartition(" ")[0]
+    try:
+        return classify.route(method, access.canonical_path(target)).openai
+    except BadRequest:
+        return False
+
+
+def _refusal_bytes(limit: int, *, openai: bool) -> bytes:
+    err = TooManyConnections(f"too many connections: listen.max_connections={limit}; retry shortly")
+    body = error_body(err, openai=openai)
     head = (
         "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Type: {JSON_OPENAI if openai else JSON_NATIVE}\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Retry-After: 1\r\n"
         "Connection: close\r\n\r\n"

@@ -209,13 +209,16 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
             return True
         for pattern in OLLAMA_ORIGINS if entry == DEFAULT_ORIGINS else (entry,):
             prefix, star, suffix = pattern.partition("*")
-            if origin == pattern if not star else _wild_match(origin, prefix, suffix):
+            if not star:
+                if origin == pattern:
+                    return True
+            elif (
+                len(origin) >= len(prefix) + len(suffix)
+                and origin.startswith(prefix)
+                and origin.endswith(suffix)
+            ):
                 return True
     return False
-
-
-def _wild_match(origin: str, prefix: str, suffix: str) -> bool:
-    return len(origin) >= len(prefix) + len(suffix) and origin.startswith(prefix) and origin.endswith(suffix)
 
 
 def cors_headers(

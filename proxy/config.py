@@ -817,10 +817,8 @@ def _describe_origins(origins: tuple[str, ...]) -> str:
         return "none (every cross-origin browser request gets 403)"
     if "*" in origins:
         return "* (any origin)"
-    named = {
-        "default": "default (Ollama's own: localhost, 127.0.0.1 and 0.0.0.0 on any port, app, file, tauri, vscode)"
-    }
-    return ", ".join(named.get(origin, origin) for origin in origins)
+    ollamas = "default (Ollama's own: localhost, 127.0.0.1 and 0.0.0.0 on any port, app, file, tauri, vscode)"
+    return ", ".join(ollamas if origin == "default" else origin for origin in origins)
 
 
 def summary(config: Config) -> str:

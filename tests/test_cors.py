@@ -236,3 +236,25 @@ async def test_the_keepalive_200_carries_cors_and_relayed_answers_carry_upstream
             assert cors_of(resp) == [("Vary", "Origin"), ("Access-Control-Allow-Origin", APP)]
             release_answer.set()
             assert json.loads((await resp.read()).splitlines()[-1])["done"] is True
+
+
+async def test_an_options_request_that_is_not_a_preflight_is_relayed(make_proxy, http):
+    """No `Origin`, or the proxy's own address as origin: not cross-origin, so upstream answers it."""
+    seen: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        return web.Response(status=405, headers={"Allow": "POST"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    async with serving(app, access_log=None) as upstream:
+        proxy = await make_proxy(upstream=upstream)
+        host = proxy.listen_url.removeprefix("http://")
+        for headers in ({}, {"Origin": proxy.listen_url, "Host": host}):
+            async with http.options(proxy.listen_url + "/api/chat", headers=headers) as resp:
+                assert resp.status == 405 and resp.headers["Allow"] == "POST"
+                assert cors_of(resp) == []
+        async with http.options(proxy.listen_url + "/api/chat", headers={"Origin": APP}) as resp:
+            assert resp.status == 204
+    assert seen == ["OPTIONS", "OPTIONS"]

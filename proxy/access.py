@@ -161,3 +161,89 @@ def private_headers(access: AccessConfig) -> frozenset[str]:
 
 def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+# --- Browser apps (CORS) ----------------------------------------------------------------
+#
+# As Ollama answers them: gin-contrib/cors (v1.7.2) configured by ollama's server/routes.go
+# (`AllowWildcard`, `AllowBrowserExtensions`, its own `AllowHeaders`, the defaults' methods
+# and max-age) with envconfig.AllowedOrigins(). A cross-origin request whose origin is not
+# allowed is refused, as Ollama refuses it: a browser would not let the page read the answer,
+# and a "simple" request (no preflight) would otherwise still cost a generation.
+
+#: Ollama's own list, `envconfig.AllowedOrigins()` with OLLAMA_ORIGINS unset.
+OLLAMA_ORIGINS = tuple(
+    f"{scheme}://{host}{port}"
+    for host in ("localhost", "127.0.0.1", "0.0.0.0")
+    for port in ("", ":*")
+    for scheme in ("http", "https")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+#: What `access.cors_origins` may name besides origins.
+DEFAULT_ORIGINS, ANY_ORIGIN = "default", "*"
+
+#: A preflight's headers as gin-contrib/cors writes them with Ollama's config
+#: (header names canonicalised as Go's http.CanonicalHeaderKey does).
+_PREFLIGHT = (
+    ("Access-Control-Allow-Methods", "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"),
+    (
+        "Access-Control-Allow-Headers",
+        "Authorization,Content-Type,User-Agent,Accept,X-Requested-With,Openai-Beta,X-Stainless-Arch,"
+        "X-Stainless-Async,X-Stainless-Custom-Poll-Interval,X-Stainless-Helper-Method,X-Stainless-Lang,"
+        "X-Stainless-Os,X-Stainless-Package-Version,X-Stainless-Poll-Helper,X-Stainless-Retry-Count,"
+        "X-Stainless-Runtime,X-Stainless-Runtime-Version,X-Stainless-Timeout",
+    ),
+    ("Access-Control-Max-Age", "43200"),  # 12 h, gin-contrib/cors's default
+)
+_PREFLIGHT_VARY = tuple(
+    ("Vary", v) for v in ("Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers")
+)
+
+#: Header pairs, in order; a list of pairs since a preflight repeats `Vary`.
+CorsHeaders = tuple[tuple[str, str], ...]
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether `origin` is in `access.cors_origins`: exactly, or by its one `*` (any run of characters)."""
+    for entry in allowed:
+        if entry == ANY_ORIGIN:
+            return True
+        for pattern in OLLAMA_ORIGINS if entry == DEFAULT_ORIGINS else (entry,):
+            prefix, star, suffix = pattern.partition("*")
+            if not star:
+                if origin == pattern:
+                    return True
+            elif (
+                len(origin) >= len(prefix) + len(suffix)
+                and origin.startswith(prefix)
+                and origin.endswith(suffix)
+            ):
+                return True
+    return False
+
+
+def cors_headers(
+    origin: str | None, host: str | None, allowed: tuple[str, ...], *, preflight: bool
+) -> CorsHeaders:
+    """The CORS headers Ollama would send this request; none if it is not cross-origin.
+
+    Raises `Forbidden` for an origin that `allowed` does not list (Ollama's 403).
+    """
+    if not origin or (host and origin in (f"http://{host}", f"https://{host}")):
+        return ()  # not a browser's cross-origin request (gin-contrib/cors lets it through untouched)
+    if not origin_allowed(origin, allowed):
+        raise Forbidden(
+            f"origin {_quoted(origin)} may not call this proxy from a browser; "
+            "add it to access.cors_origins in config.yaml"
+        )
+    if ANY_ORIGIN in allowed:
+        common: CorsHeaders = (("Access-Control-Allow-Origin", "*"),)
+    else:
+        vary = _PREFLIGHT_VARY if preflight else _PREFLIGHT_VARY[:1]
+        common = (*vary, ("Access-Control-Allow-Origin", origin))
+    return (*_PREFLIGHT, *common) if preflight else common
+
+
+def _quoted(text: str, limit: int = 200) -> str:
+    """Client-sent text for a message: escaped onto one line, bounded."""
+    shown = text if len(text) <= limit else text[: limit - 3] + "..."
+    return repr(shown)

@@ -90,7 +90,9 @@ class Server:
             **listener.handler_options(config.request),
         )
         #: Connections open on the listen port, capped at `listen.max_connections`.
-        self.connections = listener.ConnectionCap(config.listen.max_connections)
+        self.connections = listener.ConnectionCap(
+            config.listen.max_connections, lambda: self.state.config.access.cors_origins
+        )
         metrics.watch_connections(self.connections)
         self._admin = web.AppRunner(build_admin_app(self.state), access_log=None)
         self.listen_url = ""

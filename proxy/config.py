@@ -155,6 +155,8 @@ class AccessConfig:
     keys: Mapping[str, str] = field(default_factory=_empty_mapping, repr=False)
     keys_file: str = ""
     max_queued_per_key: int = 0
+    #: Browser origins allowed to call: "default" (Ollama's own list), "*", "null", or scheme://host[:port].
+    cors_origins: tuple[str, ...] = ("default",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +468,29 @@ def _to_networks(value: object) -> tuple[IPNetwork, ...]:
         raise _Invalid(requirement) from None
 
 
+def _to_origins(value: object) -> tuple[str, ...]:
+    """Origins as a browser sends them in `Origin`, with at most one `*` (any run of characters)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise _Invalid('must be a list of origins, such as [default, "https://app.example.com"]')
+    origins = []
+    for item in items:
+        origin = item.strip().lower()
+        if origin not in ("default", "*", "null"):
+            scheme, sep, rest = origin.partition("://")
+            if not sep or not scheme or not rest or any(c.isspace() for c in origin) or origin.count("*") > 1:
+                raise _Invalid(
+                    f"{item!r} is not an origin: write scheme://host[:port] (one * may stand for any part), "
+                    'or "default", "*" or "null"'
+                )
+            if "/" in rest or "?" in rest or "#" in rest:
+                raise _Invalid(
+                    f"{item!r} has a path: an origin is scheme://host[:port], with no trailing slash"
+                )
+        origins.append(origin)
+    return tuple(origins)
+
+
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: What an `Authorization: Bearer` token may hold (RFC 6750's b64token).
 _KEY_SHAPE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -636,6 +661,7 @@ _CONFIG = _section(
                 "keys": _check_keys,
                 "keys_file": _scalar(_to_path),
                 "max_queued_per_key": _integer(0),
+                "cors_origins": _scalar(_to_origins),
             },
         ),
         "shutdown_grace": _duration(allow_zero=True),
@@ -790,6 +816,15 @@ def _describe_keys(access: AccessConfig) -> str:
     return f"{len(access.keys)} ({', '.join(access.keys)}){per_key}"
 
 
+def _describe_origins(origins: tuple[str, ...]) -> str:
+    if not origins:
+        return "none (every cross-origin browser request gets 403)"
+    if "*" in origins:
+        return "* (any origin)"
+    ollamas = "default (Ollama's own: localhost, 127.0.0.1 and 0.0.0.0 on any port, app, file, tauri, vscode)"
+    return ", ".join(ollamas if origin == "default" else origin for origin in origins)
+
+
 def summary(config: Config) -> str:
     """The effective limits, one per line and labelled by YAML path, so what
     `check-config` prints can be matched against the file at a glance."""
@@ -823,6 +858,7 @@ def summary(config: Config) -> str:
         ("log", f"{config.log.format}, level {config.log.level}"),
         ("access.admin_endpoints", config.access.admin_endpoints),
         ("access.keys", _describe_keys(config.access)),
+        ("access.cors_origins", _describe_origins(config.access.cors_origins)),
         ("shutdown_grace", format_duration(config.shutdown_grace)),
     ]
     width = max(len(label) for label, _ in rows)

@@ -8,7 +8,7 @@ always gets the same shape for the same failure whichever stage noticed it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -84,6 +84,13 @@ class Draining(ProxyError):
     reason = "draining"
 
 
+class TooManyConnections(ProxyError):
+    """`listen.max_connections` are open: answered on the connection before a handler runs."""
+
+    status = 503
+    reason = "too_many_connections"
+
+
 class ShuttingDown(ProxyError):
     """The drain's grace ran out while this request was still unfinished."""
 
@@ -153,11 +160,14 @@ def error_body(err: ProxyError, *, openai: bool) -> bytes:
     return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
 
 
-def error_response(err: ProxyError, *, openai: bool) -> web.Response:
-    """The whole response for a failure noticed before any header was sent."""
+def error_response(err: ProxyError, *, openai: bool, cors: Iterable[tuple[str, str]] = ()) -> web.Response:
+    """The whole response for a failure noticed before any header was sent; `cors` are the
+    headers that let a browser app read it (`access.cors_headers`)."""
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else {}
-    return web.Response(
+    response = web.Response(
         status=err.status,
         body=error_body(err, openai=openai),
         headers={"Content-Type": JSON_OPENAI if openai else JSON_NATIVE, **err.headers, **headers},
     )
+    response.headers.extend(cors)
+    return response

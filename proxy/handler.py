@@ -64,8 +64,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
         phase="queued" if route.queued else "running",
     )
     reply: Reply | None = None
+    cors: access.CorsHeaders = ()
     state.enter(task)
     try:
+        cors = access.cors_headers(
+            request.headers.get("Origin"),
+            request.headers.get("Host"),
+            config.access.cors_origins,
+            preflight=request.method == "OPTIONS",
+        )
+        if cors and request.method == "OPTIONS":
+            return _preflight(ex, cors)
         if refused is not None:
             raise refused
         ex.owner = access.authenticate(request.headers.get("Authorization"), config.access.keys)
@@ -74,7 +83,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise _draining(state)
         body = await _read_body(request, config)
         if not route.queued:
-            reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write)
+            reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)
             ex.status = await _relay(state, config, request, path, body, reply)
             return await _finish(reply, ex)
 
@@ -89,6 +98,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             interval=config.heartbeat.interval if beats else 0.0,
             on_frame=state.metrics.heartbeats.inc,
             write_timeout=config.timeouts.write,
+            cors=cors,
         )
         slot = state.admission.slot(job.model, ex.owner)
         try:
@@ -108,7 +118,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         ex.status, ex.outcome = err.status, _outcome(err)
         _count_failure(state, err, ex)
         if reply is None:
-            response = error_response(err, openai=route.openai)
+            response = error_response(err, openai=route.openai, cors=cors)
             ex.sent = len(response.body or b"")
         else:
             response = await reply.fail(err)
@@ -117,7 +127,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return response
     except (asyncio.CancelledError, ConnectionResetError) as exc:
         if state.stopping and isinstance(exc, asyncio.CancelledError) and task.uncancel() == 0:
-            return await _cut_at_shutdown(state, request, reply, route.openai, ex)
+            return await _cut_at_shutdown(state, request, reply, route.openai, ex, cors)
         state.metrics.disconnects.labels(ex.phase).inc()
         if isinstance(exc, ClientStalled):
             ex.outcome = "client_stalled"
@@ -229,7 +239,12 @@ def _record_usage(state: ProxyState, ex: Exchange, meter: usage.Meter, streamed:
 
 
 async def _cut_at_shutdown(
-    state: ProxyState, request: web.Request, reply: Reply | None, openai: bool, ex: Exchange
+    state: ProxyState,
+    request: web.Request,
+    reply: Reply | None,
+    openai: bool,
+    ex: Exchange,
+    cors: access.CorsHeaders,
 ) -> web.StreamResponse:
     """The grace ran out with this request unfinished: say so, in-band if a response is out."""
     grace = format_duration(state.config.shutdown_grace)
@@ -239,7 +254,16 @@ async def _cut_at_shutdown(
     )
     ex.status, ex.outcome = err.status, "shutdown"
     log.warning("cut at shutdown: %s %s model=%s phase=%s", ex.method, ex.path, ex.model or "-", ex.phase)
-    return await reply.fail(err) if reply else error_response(err, openai=openai)
+    return await reply.fail(err) if reply else error_response(err, openai=openai, cors=cors)
+
+
+def _preflight(ex: Exchange, cors: access.CorsHeaders) -> web.Response:
+    """A browser's preflight, answered as Ollama answers it (204) and before any key is
+    asked for: browsers send no `Authorization` on a preflight."""
+    ex.status, ex.outcome = 204, "ok"
+    response = web.Response(status=204)
+    response.headers.extend(cors)
+    return response
 
 
 def _draining(state: ProxyState) -> Draining:

@@ -7,21 +7,24 @@ to a client on the public internet:
 * header size and count, and how long the headers may take (`request.max_header_size`,
   `request.header_timeout`): aiohttp's own parser and keep-alive timer, given our limits;
 * how many connections may be open at once (`listen.max_connections`): a site whose
-  protocol factory counts connections and answers the one over the cap with a canned 503;
+  protocol factory counts connections and answers the one over the cap with a 503 in the
+  shape of the path its request line names, with CORS headers for a browser's `Origin`;
 * what a malformed request may write to the log: one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 
+from . import access, classify
 from .config import RequestConfig
+from .errors import JSON_NATIVE, JSON_OPENAI, BadRequest, Forbidden, TooManyConnections, error_body
 
 #: More header lines than any real client sends (browsers: ~20; aiohttp's default is 128).
 MAX_HEADERS = 100
@@ -29,6 +32,12 @@ MAX_HEADERS = 100
 #: with unread request bytes would send an RST, which can destroy the 503 in
 #: flight; reading them for a moment lets the client see why it was refused.
 REFUSAL_LINGER = 1.0
+#: How long a refused connection has to send its request head, whose request line picks the
+#: 503's shape (Ollama's, or OpenAI's on /v1) and whose `Origin` its CORS headers; then what
+#: has come is used. Clients send the head as soon as they connect.
+REFUSAL_PEEK = 0.25
+#: The most of a refused request's head that is looked at.
+REFUSAL_PEEK_BYTES = 16384
 #: At most one "connections refused" warning this often, however many are refused.
 REFUSAL_LOG_INTERVAL = 60.0
 #: A bad request's reason is client-controlled text: logged on one line, this long at most.
@@ -99,13 +108,15 @@ class ConnectionCap:
     however it ends (client close or RST, keep-alive or header timeout, shutdown).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, origins: Callable[[], tuple[str, ...]]) -> None:
         self.limit = limit
+        #: The browser origins allowed now (`access.cors_origins`, which a reload may change).
+        self._origins = origins
         #: Connections being served now.
         self.open = 0
         #: Connections refused since start.
         self.refused = 0
-        self._refusal = _refusal_bytes(limit)
+        self._refusals = (_refusal_bytes(limit, openai=False), _refusal_bytes(limit, openai=True))
         self._lingering: set[asyncio.Transport] = set()
         self._logged_at: float | None = None
 
@@ -132,9 +143,30 @@ class ConnectionCap:
 
     def refuse(self, transport: asyncio.Transport) -> None:
         """Hand the connection over to a `_Refusal`, kept track of until it closes."""
-        refusal = _Refusal(self._refusal, self._lingering)
+        refusal = _Refusal(self._refusal_for, self._lingering)
         transport.set_protocol(refusal)
         refusal.connection_made(transport)
+
+    def _refusal_for(self, head: bytes) -> bytes:
+        """The 503 for a refused request's head (as much of it as came): the shape of its path,
+        and the CORS headers of its `Origin`, as the handler would answer it."""
+        *lines, _ = head.split(b"\n")  # the last line may be cut short: not looked at
+        if not lines:
+            return self._refusals[False]
+        openai = _names_openai_path(lines[0].rstrip(b"\r"))
+        fields: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                fields.setdefault(name.strip().lower(), value.strip())
+        origin = fields.get("origin", "")
+        try:
+            cors = access.cors_headers(origin, fields.get("host"), self._origins(), preflight=False)
+        except Forbidden:
+            cors = ()  # as the handler answers it: no headers for an origin not allowed
+        if not cors or not (origin.isascii() and origin.isprintable()):
+            return self._refusals[openai]
+        return _refusal_bytes(self.limit, openai=openai, cors=cors)
 
     def close_refused(self) -> None:
         """Close refused connections still lingering (at shutdown)."""
@@ -189,27 +221,45 @@ class _Gate(asyncio.Protocol):
 
 
 class _Refusal(asyncio.Protocol):
-    """Answer 503 at once, half-close, and discard what the client sends until it
-    stops sending or `REFUSAL_LINGER` has passed; the request is never parsed."""
+    """Answer 503 once the request head has come, half-close, and discard what the
+    client sends until it stops sending or `REFUSAL_LINGER` has passed.
 
-    def __init__(self, answer: bytes, lingering: set[asyncio.Transport]) -> None:
-        self._answer = answer
+    At most `REFUSAL_PEEK_BYTES` of the head are kept, for at most `REFUSAL_PEEK`,
+    and only its request line and `Origin` and `Host` are looked at.
+    """
+
+    def __init__(self, answer: Callable[[bytes], bytes], lingering: set[asyncio.Transport]) -> None:
+        self._answer_for = answer
         self._lingering = lingering
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._head: bytes | None = b""  # the request head so far; None once answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._lingering.add(transport)
-        transport.write(self._answer)
-        transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_PEEK, self._answer)
 
     def data_received(self, data: bytes) -> None:
-        pass  # the request is not read: drained only so that closing sends no RST
+        if self._head is None:
+            return  # answered: drained only so that closing sends no RST
+        self._head = (self._head + data)[:REFUSAL_PEEK_BYTES]
+        if b"\r\n\r\n" in self._head or b"\n\n" in self._head or len(self._head) == REFUSAL_PEEK_BYTES:
+            self._answer()
+
+    def _answer(self) -> None:
+        assert self._transport is not None and self._head is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        head, self._head = self._head, None
+        self._transport.write(self._answer_for(head))
+        self._transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self._transport.abort)
 
     def eof_received(self) -> bool:
+        if self._head is not None:
+            self._answer()  # no more of the head will come
         return False  # the client is done too: close now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -219,17 +269,26 @@ class _Refusal(asyncio.Protocol):
             self._lingering.discard(self._transport)
 
 
-def _refusal_bytes(limit: int) -> bytes:
-    body = json.dumps(
-        {"error": f"too many connections: listen.max_connections={limit}; retry shortly"},
-        separators=(",", ":"),
-    ).encode()
+def _names_openai_path(request_line: bytes) -> bool:
+    """Whether a request line's target is a path the handler would answer in OpenAI's shape."""
+    method, _, rest = request_line.decode("latin-1").partition(" ")
+    target = rest.rpartition(" ")[0]
+    try:
+        return classify.route(method, access.canonical_path(target)).openai
+    except BadRequest:
+        return False
+
+
+def _refusal_bytes(limit: int, *, openai: bool, cors: access.CorsHeaders = ()) -> bytes:
+    err = TooManyConnections(f"too many connections: listen.max_connections={limit}; retry shortly")
+    body = error_body(err, openai=openai)
     head = (
         "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Type: {JSON_OPENAI if openai else JSON_NATIVE}\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Retry-After: 1\r\n"
-        "Connection: close\r\n\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in cors)
+        + "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
 

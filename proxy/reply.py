@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from . import frames
+from .access import CorsHeaders
 from .errors import ProxyError, error_response
 from .frames import Wire
 
@@ -41,7 +42,7 @@ class Reply:
     __slots__ = (
         "_request", "_openai", "_wire", "_model", "_aim", "_on_frame", "_lock", "_loop", "_last_sent",
         "_tail", "_note", "_frame_task", "_ticker", "_beat_entry", "_writing", "_write_timeout", "response",
-        "headers", "sent",
+        "headers", "sent", "_cors",
     )  # fmt: skip
 
     def __init__(
@@ -54,8 +55,11 @@ class Reply:
         interval: float = 0.0,
         on_frame: Callable[[], None] = lambda: None,
         write_timeout: float = 60.0,
+        cors: CorsHeaders = (),
     ) -> None:
         self._request = request
+        # CORS headers for the responses the proxy makes itself; upstream's carry its own.
+        self._cors = cors
         self._openai = openai
         # No wire means no keep-alive: relayed-at-once requests never wait long.
         self._wire = wire
@@ -148,19 +152,37 @@ class Reply:
         """
         async with self._lock:
             if self.response is None:
-                response = error_response(err, openai=self._openai)
+                response = error_response(err, openai=self._openai, cors=self._cors)
                 response.headers.update(self.headers)
                 self.sent = len(response.body or b"")
                 return response
-            if self._wire is not None and frames.at_boundary(self._wire, self._tail):
+            wire = self._wire
+            if wire is not None and frames.at_boundary(wire, self._tail):
                 with contextlib.suppress(ConnectionResetError):  # the client left too
-                    error = frames.inband_error(self._wire, err, openai=self._openai)
-                    await self.response.write(error)
-                    self.sent += len(error)
-                    await self.response.write_eof()
-            elif self._request.transport is not None:
-                self._request.transport.close()
+                    await self._write(frames.inband_error(wire, err, openai=self._openai))
+                    if wire is not Wire.JSON:
+                        # NDJSON and SSE clients read the error line as the end.
+                        await self.response.write_eof()
+                        return self.response
+            # A whole `{"error":...}` body under a 200 reads as an empty success to
+            # the `ollama` and `openai` libraries; unterminated, it is a transport
+            # error to every client, and curl still shows the message.
+            self._cut()
             return self.response
+
+    def _cut(self) -> None:
+        """End the response without its chunked terminator: close the connection once the
+        bytes written so far have gone out, or abort it if the client will not take them.
+
+        aiohttp's own `write_eof` after the handler returns then meets a closing
+        transport, which it takes for a client that left: no terminator, no traceback.
+        """
+        transport = self._request.transport
+        if transport is None:
+            return  # already gone
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._loop.call_later(self._write_timeout, transport.abort)
 
     def keepalive(self, note: Callable[[], str]) -> _KeepAlive:
         """Beat alongside the body of the `async with`; `note` says where we stand (SSE)."""
@@ -201,11 +223,11 @@ class Reply:
 
     async def _send_frame(self, wire: Wire, note: str) -> None:
         if self.response is None:
-            await self._prepare(
-                web.StreamResponse(
-                    status=200, headers={"Content-Type": frames.content_type(wire, openai=self._openai)}
-                )
+            response = web.StreamResponse(
+                status=200, headers={"Content-Type": frames.content_type(wire, openai=self._openai)}
             )
+            response.headers.extend(self._cors)
+            await self._prepare(response)
         assert self.response is not None
         frame = frames.keepalive(wire, self._model, note)
         await self.response.write(frame)

@@ -398,6 +398,12 @@ def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: floa
 def _judge_cut(result: Call, records: list[GenRecord]) -> Verdict:
     """A cut is a clear error, but only right when upstream broke off where no error fits."""
     wire, body = result.spec.wire, result.body
+    if wire == "json" and result.status == 200 and _error_shape(body.lstrip(b"\n"), result.spec.openai):
+        # The contract's non-streaming error after keep-alive: the body left unterminated.
+        upstream = records[0] if records else None
+        if upstream is not None and upstream.completed and upstream.status == 200 and upstream.fault is None:
+            return Verdict("inband_error", f"upstream completed, the client got an error: {_seen(result)}")
+        return Verdict("inband_error")
     if result.status is not None and result.status >= 400:
         return Verdict("cut", f"an error response was cut short: {_seen(result)}")
     if not records or records[0].completed:
@@ -442,8 +448,8 @@ def _judge_body(result: Call, tokens: int) -> Verdict:
             return false_end
         if not isinstance(data, dict):
             return false_end
-        if "error" in data:
-            return Verdict("inband_error") if _error_shape(body.lstrip(b"\n"), spec.openai) else false_end
+        if "error" in data:  # a whole error body under a 200 reads as an empty success
+            return Verdict("false_end", f"a complete 200 whose body is an error: {_seen(result)}")
         if spec.kind == "tags":
             return Verdict("complete") if isinstance(data.get("models"), list) else false_end
         text = (

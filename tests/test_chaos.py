@@ -457,6 +457,8 @@ def _record(completed: bool, status: int | None = 200, fault: str | None = None)
         (_call("generate", True, 200, _NDJSON_TOKEN + b'{"mod', framed=False), [_record(False)], "cut", None),
         (_call("generate", True, 200, _NDJSON_TOKEN, framed=False), [_record(True)], "cut", "upstream completed"),
         (_call("generate", False, 200, b"\n", framed=False), [_record(False)], "cut", "in-band error fits"),
+        (_call("generate", False, 200, b'\n{"error":"x"}', framed=False), [], "inband_error", None),
+        (_call("generate", False, 200, b'\n{"error":"x"}'), [], "false_end", "body is an error"),
         (_call("openai", True, 200, b": queued\n\n" + b"data: {}\n\n" * 3 + b"data: [DONE]\n\n"), [_record(True)],
          "complete", None),
         (_call("openai", True, 200, b"data: {}\n\n" * 3), [_record(False)], "false_end", "neither"),

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -328,3 +329,28 @@ async def test_unknown_model_after_keepalive_raises_in_streaming_clients(sim, pr
             await queued(sim, http, proxy, lambda: stream(client))
     assert oa.value.message == f"upstream answered 404: {NOT_FOUND}"
     assert oa.value.body == {"message": oa.value.message, "type": "server_error", "code": "upstream_error"}
+
+
+async def test_non_streaming_failure_after_keepalive_raises_in_both_clients(sim, make_proxy, http):
+    """A queue timeout after keep-alive whitespace: each call raises, none returns an empty result
+    (a complete `{"error":...}` 200 gave `response=None` in ollama, `choices=None` in openai)."""
+    proxy = await make_proxy(
+        limits={"max_concurrent": 1, "queue_timeout": "400ms"}, heartbeat={"interval": "100ms"}
+    )
+    holder = await hold_slot(sim, http, proxy)
+    try:
+        async with ollama_client(proxy.listen_url) as client:
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                await client.generate(MODEL, PROMPT, stream=False)
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                await client.chat(MODEL, MESSAGES, stream=False)
+        async with openai_client(proxy.listen_url) as oa:
+            with pytest.raises(openai.APIConnectionError) as info:
+                await oa.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert "incomplete chunked read" in str(info.value.__cause__)
+        metrics = await scrape(http, proxy)
+    finally:
+        await release(holder)
+    assert sample(metrics, "ollama_proxy_rejected_total", reason="queue_timeout") == 3
+    assert sample(metrics, "ollama_proxy_heartbeats_total") >= 3  # each had its 200 started
+    assert len(sim.records) == 1  # only the holder reached upstream

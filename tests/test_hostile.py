@@ -256,6 +256,51 @@ async def test_the_connection_over_max_connections_gets_a_canned_503(make_proxy)
     assert proxy.connections.refused == 2
 
 
+REFUSED_OPENAI_BODY = (
+    b'{"error":{"message":"too many connections: listen.max_connections=1; retry shortly",'
+    b'"type":"server_error","code":"too_many_connections"}}'
+)
+
+
+REFUSED_OLLAMA_BODY = REFUSED_BODY.replace(b"=5", b"=1")
+CORS_HEADERS = b"Vary: Origin\r\nAccess-Control-Allow-Origin: http://localhost:5173\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "content_type", "cors", "body"),
+    [
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", b"application/json", b"", REFUSED_OPENAI_BODY),
+        (b"GET //v1/./models HTTP/1.1\r\n", b"application/json", b"", REFUSED_OPENAI_BODY),
+        (b"POST /api/chat HTTP/1.1\r\nHost: x\r\n\r\n", b"application/json; charset=utf-8", b"",
+         REFUSED_OLLAMA_BODY),
+        (b"POST /v1%2 HTTP/1.1\r\n\r\n", b"application/json; charset=utf-8", b"", REFUSED_OLLAMA_BODY),
+        (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\norigin: http://localhost:5173\r\n\r\n",
+         b"application/json", CORS_HEADERS, REFUSED_OPENAI_BODY),
+        (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nOrigin: https://evil.example\r\n\r\n",
+         b"application/json; charset=utf-8", b"", REFUSED_OLLAMA_BODY),
+    ],
+    ids=["openai", "openai-uncanonical-line-only", "ollama", "unparsable", "cors", "origin-not-allowed"],
+)  # fmt: skip
+async def test_the_connection_cap_503_takes_the_shape_of_the_request(
+    make_proxy, head, content_type, cors, body
+):
+    """Only the request head is read: /v1 paths (as the handler would canonicalise them)
+    get OpenAI's error shape, everything else Ollama's, and an allowed browser `Origin`
+    its CORS headers, as every other error does."""
+    proxy = await make_proxy(listen={"max_connections": 1})
+    async with connections(proxy, 1):
+        await eventually(lambda: proxy.connections.open == 1)
+        reader, writer = await connect(proxy)
+        writer.write(head)  # the body never needs to come
+        data, _ = await until_eof(reader)
+        writer.close()
+    expected = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        content_type,
+        len(body),
+    )
+    assert data == expected + b"Retry-After: 1\r\n" + cors + b"Connection: close\r\n\r\n" + body
+
+
 async def test_the_count_returns_to_zero_when_the_server_stops(sim):
     server = Server(config_from_dict(proxy_config(sim.url, listen={"max_connections": 3})))
     await server.start()

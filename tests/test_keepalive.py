@@ -7,12 +7,15 @@ import asyncio
 import contextlib
 import gzip
 import json
+import logging
 import re
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from .conftest import hold_the_slot, release, serving
+from .test_hostile import address
 
 T = rb'"created_at":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"'
 GENERATE_FRAME = re.compile(rb'\{"model":"llama3\.2",' + T + rb',"response":"","done":false\}\n')
@@ -217,20 +220,47 @@ async def test_upstream_error_status_after_keepalive_is_reported_inband(sim, mak
     assert error["code"] == "upstream_error"
 
 
-async def test_non_streaming_failure_after_keepalive_is_a_json_error_body(sim, make_proxy, http):
+@pytest.mark.parametrize(
+    ("path", "body", "content_type", "error"),
+    [
+        ("/api/generate", {"model": "llama3.2", "stream": False}, "application/json; charset=utf-8",
+         rb'\{"error":"[^"]*limits\.queue_timeout=350ms[^"]*"\}'),
+        ("/v1/embeddings", {"model": "llama3.2", "input": "x"}, "application/json",
+         rb'\{"error":\{"message":"[^"]*limits\.queue_timeout=350ms[^"]*",'
+         rb'"type":"server_error","code":"queue_timeout"\}\}'),
+    ],
+    ids=["ollama", "openai"],
+)  # fmt: skip
+async def test_non_streaming_failure_after_keepalive_is_an_error_body_left_unterminated(
+    sim, make_proxy, http, caplog, path, body, content_type, error
+):
+    """The error chunk goes out whole, the chunked body never ends and the connection closes:
+    a strict client raises instead of reading a complete 200 as an empty success."""
     proxy = await make_proxy(
         limits={"max_concurrent": 1, "queue_timeout": "350ms"}, heartbeat={"interval": "100ms"}
     )
     holder = await hold_the_slot(sim, http, proxy)
-    async with http.post(
-        proxy.listen_url + "/v1/embeddings", json={"model": "llama3.2", "input": "x"}
-    ) as resp:
-        data = await resp.read()
-    await release(holder)
-    assert resp.status == 200 and data.startswith(b"\n")
-    assert resp.headers["Content-Type"] == "application/json"  # as Ollama's OpenAI layer sends it
-    error = json.loads(data)["error"]
-    assert error["code"] == "queue_timeout" and "queue_timeout" in error["message"]
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(*address(proxy))
+    try:
+        writer.write(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), len(payload), payload)
+        )
+        async with asyncio.timeout(10):
+            data = await reader.read(-1)  # to EOF: the proxy closes the connection
+    finally:
+        writer.close()
+        await release(holder)
+    head, _, chunks = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nTransfer-Encoding: chunked" in head
+    assert f"\r\nContent-Type: {content_type}".encode() in head
+    match = re.fullmatch(rb"(?:1\r\n\n\r\n)+([0-9a-f]+)\r\n(.*)\r\n", chunks, re.DOTALL)
+    assert match, chunks  # keep-alive chunks, then one error chunk, and no 0\r\n\r\n
+    assert int(match.group(1), 16) == len(match.group(2))
+    assert re.fullmatch(error, match.group(2)), match.group(2)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 async def test_upstream_dying_mid_stream_ends_with_an_inband_error(sim, make_proxy, http):

@@ -19,7 +19,7 @@ from aiohttp import web
 from . import admin, listener, logs
 from .admission import Admission
 from .classify import canonical_model
-from .config import Config, ConfigError, format_duration, load_config
+from .config import Config, ConfigError, config_warnings, format_duration, load_config
 from .handler import handle
 from .metrics import Metrics
 from .state import STATE, ProxyState
@@ -89,7 +89,7 @@ class Server:
             **listener.handler_options(config.request),
         )
         #: Connections open on the listen port, capped at `listen.max_connections`.
-        self.connections = listener.ConnectionCap(config.listen.max_connections)
+        self.connections = listener.ConnectionCap(config.max_connections)
         metrics.watch_connections(self.connections)
         self._admin = web.AppRunner(build_admin_app(self.state), access_log=None)
         self.listen_url = ""
@@ -118,6 +118,7 @@ class Server:
             self.listen_url, self.admin_url, config.metrics.path, config.upstream.url,
             limits.max_concurrent, limits.max_queue, dict(limits.models) or "{}",
         )  # fmt: skip
+        _log_warnings(config)
 
     async def stop(self) -> None:
         """Drain, then close: refuse new requests with 503 while admitted and queued
@@ -177,11 +178,13 @@ class Server:
         logs.reapply(new.log)
         self.state.admission.configure(new.limits, new.access.max_queued_per_key)
         self.state.metrics.configure(new.limits.models)
+        self.connections.resize(new.max_connections)  # follows limits.max_queue unless set
         self.state.metrics.reloads.labels("success").inc()
         log.info(
             "config reloaded: max_concurrent=%d max_queue=%d models=%s",
             new.limits.max_concurrent, new.limits.max_queue, dict(new.limits.models) or "{}",
         )  # fmt: skip
+        _log_warnings(new)
         return []
 
     def watch(self, interval: float = WATCH_INTERVAL) -> Coroutine[None, None, None]:
@@ -205,6 +208,12 @@ class Server:
             last = stamp
             log.info("config file changed on disk: reloading %s", os.fspath(path))
             self.reload()
+
+
+def _log_warnings(config: Config) -> None:
+    """What `check-config` warns about, logged when a config takes effect."""
+    for warning in config_warnings(config):
+        log.warning("config: %s", warning)
 
 
 def _keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import configparser
 import logging
 import signal
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from . import logs
 from .app import Server
-from .config import Config, ConfigError, load_config, summary
+from .config import Config, ConfigError, config_warnings, load_config, summary
 from .demo import run_demo
 
 PROG = "ollama-queue-proxy"
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "--watch", action="store_true",
         help="reload the config file whenever it changes on disk (polls its stat every second)",
     )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a config file and summarise it")
     check.add_argument("path", metavar="PATH")
@@ -49,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args.config, watch=args.watch)
 
 
+def version() -> str:
+    """The installed distribution's version; from a source tree that was never installed,
+    the version setup.cfg declares, so `--version` always answers."""
+    try:
+        return metadata.version(PROG)
+    except metadata.PackageNotFoundError:
+        pass
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parent.parent / "setup.cfg", encoding="utf-8")
+    return setup.get("metadata", "version", fallback="unknown")
+
+
 def check_config(path: str) -> int:
     try:
         config = load_config(path)
@@ -57,6 +72,8 @@ def check_config(path: str) -> int:
             print(problem)
         return 1
     print(f"{path}: valid")
+    for warning in config_warnings(config):
+        print(f"warning: {warning}")
     print(summary(config))
     return 0
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 
 from .config import RequestConfig
+from .logs import clip
 
 #: More header lines than any real client sends (browsers: ~20; aiohttp's default is 128).
 MAX_HEADERS = 100
@@ -31,8 +32,6 @@ MAX_HEADERS = 100
 REFUSAL_LINGER = 1.0
 #: At most one "connections refused" warning this often, however many are refused.
 REFUSAL_LOG_INTERVAL = 60.0
-#: A bad request's reason is client-controlled text: logged on one line, this long at most.
-REASON_CHARS = 200
 
 log = logging.getLogger("proxy.listener")
 #: aiohttp's per-connection logger for the listen port (it defaults to `aiohttp.server`).
@@ -86,8 +85,7 @@ http_log.addFilter(_OneLineBadRequests())
 def _one_line(text: str) -> str:
     """Client-controlled text made safe for a log line: no line breaks or control bytes, bounded."""
     flat = " ".join(text.split())
-    safe = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in flat)
-    return safe if len(safe) <= REASON_CHARS else safe[: REASON_CHARS - 3] + "..."
+    return clip("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in flat))
 
 
 class ConnectionCap:
@@ -129,6 +127,11 @@ class ConnectionCap:
 
     def release(self) -> None:
         self.open -= 1
+
+    def resize(self, limit: int) -> None:
+        """Apply a reloaded cap: open connections stay; new ones count against `limit`."""
+        self.limit = limit
+        self._refusal = _refusal_bytes(limit)
 
     def refuse(self, transport: asyncio.Transport) -> None:
         """Hand the connection over to a `_Refusal`, kept track of until it closes."""

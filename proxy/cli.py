@@ -105,18 +105,22 @@ def _freeze_startup_objects() -> None:
 async def _serve(config: Config, path: Path, watch: bool) -> int:
     """Run until SIGTERM or SIGINT, reloading on SIGHUP (and file changes with --watch), then drain."""
     server = Server(config, path)
+    # The file as it is before "serving on": a change made as soon as that line shows is seen.
+    watching = server.watch() if watch else None
+    _freeze_startup_objects()
     try:
         await server.start()
     except OSError as exc:
+        if watching is not None:
+            watching.close()
         print(f"{PROG}: cannot start: {exc}; is another proxy running on that port?", file=sys.stderr)
         return 1
-    _freeze_startup_objects()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
-    watcher = asyncio.create_task(server.watch()) if watch else None
+    watcher = asyncio.create_task(watching) if watching is not None else None
     try:
         await stop.wait()
     finally:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 from collections.abc import AsyncIterator, Coroutine
 
 import aiohttp
@@ -210,10 +211,26 @@ class Server:
             self.reload()
 
 
+#: File descriptors the process needs besides its connections: logs, the listeners, the upstream pool.
+FD_RESERVE = 64
+
+
 def _log_warnings(config: Config) -> None:
-    """What `check-config` warns about, logged when a config takes effect."""
+    """What `check-config` warns about, logged when a config takes effect, and whether this
+    process may open enough files for the connection cap (which `check-config`, run from
+    another shell, cannot know)."""
     for warning in config_warnings(config):
         log.warning("config: %s", warning)
+    # Each running request holds two sockets (client, upstream); the rest, a few files.
+    needed = 2 * config.max_connections + FD_RESERVE
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "config: listen.max_connections: %d connections need about %d file descriptors, and this "
+            "process may open %d (ulimit -n): past that, accepting fails; raise LimitNOFILE "
+            "or lower listen.max_connections",
+            config.max_connections, needed, soft,
+        )  # fmt: skip
 
 
 def _keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:

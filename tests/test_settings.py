@@ -7,6 +7,7 @@ import asyncio
 import configparser
 import json
 import logging
+import resource
 import subprocess
 import sys
 
@@ -177,3 +178,13 @@ def test_version_prints_the_distributions_version():
     result = run("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"ollama-queue-proxy {declared['metadata']['version']}\n"
+
+
+async def test_a_cap_beyond_the_open_files_limit_is_logged_at_start(sim, caplog):
+    caplog.set_level(logging.WARNING, logger="proxy")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    server = Server(config_from_dict(proxy_config(sim.url, listen={"max_connections": soft})))
+    await server.start()
+    await server.stop()
+    [line] = [r.getMessage() for r in caplog.records if "file descriptors" in r.getMessage()]
+    assert line.startswith(f"config: listen.max_connections: {soft} connections need about {2 * soft + 64}")

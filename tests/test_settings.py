@@ -123,7 +123,7 @@ async def test_warnings_are_logged_at_start_and_on_reload(sim, tmp_path, caplog)
         assert server.reload() == []
     finally:
         await server.stop()
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config: ")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config: heartbeat")]
     assert len(lines) == 2 and all(
         "config: heartbeat.interval: 100s is at or above" in line for line in lines
     )

@@ -31,7 +31,7 @@ from multidict import MultiMapping
 
 from .config import IPNetwork
 from .exchange import Exchange
-from .logs import iso_time
+from .logs import clip, iso_time
 
 log = logging.getLogger("proxy.access")
 
@@ -100,8 +100,8 @@ def record_fields(ex: Exchange) -> dict[str, object]:
         "time": iso_time(ex.arrived),
         "client": ex.client,
         "method": ex.method,
-        "path": ex.path,
-        "model": ex.model or None,
+        "path": clip(ex.path),
+        "model": clip(ex.model) or None,
         "key": ex.owner or None,
         "status": ex.status,
         "outcome": ex.outcome,
@@ -135,7 +135,7 @@ def _value(value: object) -> str:
         return f"{value:.3f}"
     if kind is int:
         return str(value)  # digits and a sign: always bare
-    text = str(value)
+    text = clip(str(value))
     return text if _BARE.fullmatch(text) else json.dumps(text)
 
 

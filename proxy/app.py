@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 from collections.abc import AsyncIterator, Coroutine
 
 import aiohttp
@@ -19,7 +20,7 @@ from aiohttp import web
 from . import admin, listener, logs
 from .admission import Admission
 from .classify import canonical_model
-from .config import Config, ConfigError, format_duration, load_config
+from .config import Config, ConfigError, config_warnings, format_duration, load_config
 from .handler import handle
 from .metrics import Metrics
 from .state import STATE, ProxyState
@@ -91,7 +92,7 @@ class Server:
         )
         #: Connections open on the listen port, capped at `listen.max_connections`.
         self.connections = listener.ConnectionCap(
-            config.listen.max_connections, lambda: self.state.config.access.cors_origins
+            config.max_connections, lambda: self.state.config.access.cors_origins
         )
         metrics.watch_connections(self.connections)
         self._admin = web.AppRunner(build_admin_app(self.state), access_log=None)
@@ -121,6 +122,7 @@ class Server:
             self.listen_url, self.admin_url, config.metrics.path, config.upstream.url,
             limits.max_concurrent, limits.max_queue, dict(limits.models) or "{}",
         )  # fmt: skip
+        _log_warnings(config)
 
     async def stop(self) -> None:
         """Drain, then close: refuse new requests with 503 while admitted and queued
@@ -181,11 +183,13 @@ class Server:
         logs.reapply(new.log)
         self.state.admission.configure(new.limits, new.access.max_queued_per_key)
         self.state.metrics.configure(new.limits.models)
+        self.connections.resize(new.max_connections)  # follows limits.max_queue unless set
         self.state.metrics.reloads.labels("success").inc()
         log.info(
             "config reloaded: max_concurrent=%d max_queue=%d models=%s",
             new.limits.max_concurrent, new.limits.max_queue, dict(new.limits.models) or "{}",
         )  # fmt: skip
+        _log_warnings(new)
         return []
 
     def watch(self, interval: float = WATCH_INTERVAL) -> Coroutine[None, None, None]:
@@ -209,6 +213,28 @@ class Server:
             last = stamp
             log.info("config file changed on disk: reloading %s", os.fspath(path))
             self.reload()
+
+
+#: File descriptors the process needs besides its connections: logs, the listeners, the upstream pool.
+FD_RESERVE = 64
+
+
+def _log_warnings(config: Config) -> None:
+    """What `check-config` warns about, logged when a config takes effect, and whether this
+    process may open enough files for the connection cap (which `check-config`, run from
+    another shell, cannot know)."""
+    for warning in config_warnings(config):
+        log.warning("config: %s", warning)
+    # Each running request holds two sockets (client, upstream); the rest, a few files.
+    needed = 2 * config.max_connections + FD_RESERVE
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "config: listen.max_connections: %d connections need about %d file descriptors, and this "
+            "process may open %d (ulimit -n): past that, accepting fails; raise LimitNOFILE "
+            "or lower listen.max_connections",
+            config.max_connections, needed, soft,
+        )  # fmt: skip
 
 
 def _keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .classify import canonical_model
+
 __all__ = [
     "AdminConfig",
     "Config",
@@ -35,6 +37,7 @@ __all__ = [
     "TimeoutsConfig",
     "UpstreamConfig",
     "config_from_dict",
+    "config_warnings",
     "load_config",
     "parse_duration",
     "parse_size",
@@ -45,6 +48,12 @@ __all__ = [
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Connections beyond the admitted and waiting ones that the default `listen.max_connections`
+#: leaves room for: relayed requests (/api/tags, /api/ps), idle keep-alive connections, probes.
+CONNECTION_HEADROOM = 1024
+#: Cloudflare ends a proxied request that has been silent this long (its 524).
+CLOUDFLARE_IDLE_TIMEOUT = 100.0
 
 
 def _loopback() -> tuple[IPNetwork, ...]:
@@ -58,7 +67,9 @@ class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 11435
     #: Client connections open at once; the next one is refused before its request is read.
-    max_connections: int = 1024
+    #: None (`auto` in YAML): room for every admitted and waiting request plus headroom
+    #: (`Config.max_connections`).
+    max_connections: int | None = None
     #: Peers (cloudflared, a load balancer) whose CF-Connecting-IP / X-Forwarded-For name the client.
     trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=_loopback)
 
@@ -181,6 +192,15 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     shutdown_grace: float = 30.0
+
+    @property
+    def max_connections(self) -> int:
+        """The connection cap in force: `listen.max_connections`, or if unset, one that
+        follows the limits, so raising `limits.max_queue` alone lets that many clients
+        wait (a fixed cap below it would refuse them with 503 before they could queue)."""
+        if self.listen.max_connections is not None:
+            return self.listen.max_connections
+        return self.limits.max_queue + self.limits.max_concurrent + CONNECTION_HEADROOM
 
 
 class ConfigError(Exception):
@@ -432,7 +452,11 @@ def _to_metrics_path(value: object) -> str:
 
 
 def _check_models(value: object, path: str, problems: list[str]) -> Mapping[str, int]:
-    """Per-model caps: each name checked on its own line so every bad entry shows."""
+    """Per-model caps: each name checked on its own line so every bad entry shows.
+
+    Names are compared as Ollama compares them (`classify.canonical_model`):
+    two spellings of one model would otherwise leave one cap silently unused.
+    """
     if value is None:
         return _empty_mapping()
     if not isinstance(value, dict):
@@ -440,12 +464,29 @@ def _check_models(value: object, path: str, problems: list[str]) -> Mapping[str,
         return _empty_mapping()
     cap = _integer(1)
     models: dict[str, int] = {}
+    spelled: dict[str, str] = {}
     for name, limit in value.items():
         if not isinstance(name, str) or not name.strip():
             problems.append(f"{path}: model names must be non-empty strings (got {_show(name)})")
             continue
+        canonical = canonical_model(name)
+        first = spelled.setdefault(canonical, name)
+        if first != name:
+            problems.append(
+                f"{_join(path, name)}: the same model as {_join(path, first)} "
+                f"(Ollama reads both as {canonical}); keep one cap"
+            )
         models[name] = cap(limit, _join(path, name), problems)
     return MappingProxyType(models)
+
+
+def _or_auto(check: _Check) -> _Check:
+    """`check`, except that `auto` (or null) asks for the computed default."""
+
+    def or_auto(value: object, path: str, problems: list[str]) -> Any:
+        return None if value is None or value == "auto" else check(value, path, problems)
+
+    return or_auto
 
 
 def _choice(*options: str) -> _Check:
@@ -615,7 +656,7 @@ _CONFIG = _section(
             {
                 "host": _host,
                 "port": _port,
-                "max_connections": _integer(1),
+                "max_connections": _or_auto(_integer(1)),
                 "trusted_proxies": _scalar(_to_networks),
             },
         ),
@@ -702,6 +743,29 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but will not do what the operator meant, one line each,
+    naming the keys. `check-config` prints them (and still exits 0); the proxy logs
+    them at start and on every reload."""
+    warnings: list[str] = []
+    limits, listen = config.limits, config.listen
+    wanted = limits.max_queue + limits.max_concurrent
+    if listen.max_connections is not None and listen.max_connections < wanted:
+        warnings.append(
+            f"listen.max_connections: {listen.max_connections} is below limits.max_queue + "
+            f"limits.max_concurrent ({limits.max_queue} + {limits.max_concurrent} = {wanted}): "
+            f"past {listen.max_connections} connections clients get 503 before they can queue; "
+            f"raise it to at least {wanted} or remove it to follow the limits"
+        )
+    if config.heartbeat.interval >= CLOUDFLARE_IDLE_TIMEOUT:
+        warnings.append(
+            f"heartbeat.interval: {format_duration(config.heartbeat.interval)} is at or above "
+            f"Cloudflare's {format_duration(CLOUDFLARE_IDLE_TIMEOUT)} idle timeout: behind a "
+            "Cloudflare tunnel a waiting client is cut off with 524; use 15s to 90s"
+        )
+    return warnings
 
 
 # --- Reading the file -------------------------------------------------------
@@ -809,6 +873,12 @@ def _format_address(host: str, port: int) -> str:
     return f"{shown}:{port}" if port else f"{shown}:0 (any free port)"
 
 
+def _describe_max_connections(config: Config) -> str:
+    if config.listen.max_connections is not None:
+        return str(config.max_connections)
+    return f"{config.max_connections} (limits.max_queue + limits.max_concurrent + {CONNECTION_HEADROOM})"
+
+
 def _describe_keys(access: AccessConfig) -> str:
     if not access.keys:
         return "none (no authentication on the listen port)"
@@ -834,7 +904,7 @@ def summary(config: Config) -> str:
     admin = _format_address(config.admin.host, config.admin.port)
     rows = [
         ("listen", _format_address(config.listen.host, config.listen.port)),
-        ("listen.max_connections", str(config.listen.max_connections)),
+        ("listen.max_connections", _describe_max_connections(config)),
         ("admin", f"{admin}  ({config.metrics.path} and /-/*)"),
         ("upstream.url", config.upstream.url),
         ("limits.max_concurrent", f"{limits.max_concurrent} generation requests at once"),

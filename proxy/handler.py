@@ -35,6 +35,7 @@ from .errors import (
 )
 from .exchange import CLIENT_GONE, Exchange
 from .frames import Wire
+from .logs import clip
 from .relay import relay
 from .reply import ClientStalled, Reply
 from .state import STATE, ProxyState
@@ -82,13 +83,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if state.draining:
             raise _draining(state)
         body = await _read_body(request, config)
-        if not route.queued:
+        job = classify.job(route, body) if route.queued else None
+        if job is not None:
+            ex.model = classify.canonical_model(job.model)
+        if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
+            ex.phase = "running"
             reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)
             ex.status = await _relay(state, config, request, path, body, reply)
             return await _finish(reply, ex)
 
-        job = classify.job(route, body)
-        ex.model = classify.canonical_model(job.model)
         beats = job.wire is not Wire.JSON or config.heartbeat.non_streaming
         reply = Reply(
             request,
@@ -132,10 +135,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if isinstance(exc, ClientStalled):
             ex.outcome = "client_stalled"
             log.warning(
-                "client stalled: %s %s model=%s: %s; cut off", ex.method, ex.path, ex.model or "-", exc
+                "client stalled: %s %s model=%s: %s; cut off",
+                ex.method,
+                clip(ex.path),
+                clip(ex.model or "-"),
+                exc,
             )
         else:
-            log.info("client gone: %s %s model=%s phase=%s", ex.method, ex.path, ex.model or "-", ex.phase)
+            log.info(
+                "client gone: %s %s model=%s phase=%s",
+                ex.method,
+                clip(ex.path),
+                clip(ex.model or "-"),
+                ex.phase,
+            )
         if isinstance(exc, asyncio.CancelledError):
             raise
         return reply.response if reply and reply.response else web.Response(status=CLIENT_GONE)
@@ -253,7 +266,9 @@ async def _cut_at_shutdown(
         retry_after=1,
     )
     ex.status, ex.outcome = err.status, "shutdown"
-    log.warning("cut at shutdown: %s %s model=%s phase=%s", ex.method, ex.path, ex.model or "-", ex.phase)
+    log.warning(
+        "cut at shutdown: %s %s model=%s phase=%s", ex.method, clip(ex.path), clip(ex.model or "-"), ex.phase
+    )
     return await reply.fail(err) if reply else error_response(err, openai=openai, cors=cors)
 
 
@@ -295,7 +310,7 @@ def _count_failure(state: ProxyState, err: ProxyError, ex: Exchange) -> None:
     # ex.path is canonical and escaped: a client cannot split a log line with it.
     if isinstance(err, UpstreamError):
         state.metrics.upstream_errors.labels(err.kind).inc()
-        log.warning("upstream error (%s): %s %s: %s", err.kind, ex.method, ex.path, err.detail)
+        log.warning("upstream error (%s): %s %s: %s", err.kind, ex.method, clip(ex.path), clip(err.detail))
     else:
         state.metrics.rejected.labels(err.reason).inc()
-        log.info("rejected (%s): %s %s: %s", err.reason, ex.method, ex.path, err.detail)
+        log.info("rejected (%s): %s %s: %s", err.reason, ex.method, clip(ex.path), clip(err.detail))

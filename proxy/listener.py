@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from . import access, classify
 from .config import RequestConfig
 from .errors import JSON_NATIVE, JSON_OPENAI, BadRequest, Forbidden, TooManyConnections, error_body
+from .logs import clip
 
 #: More header lines than any real client sends (browsers: ~20; aiohttp's default is 128).
 MAX_HEADERS = 100
@@ -40,8 +41,6 @@ REFUSAL_PEEK = 0.25
 REFUSAL_PEEK_BYTES = 16384
 #: At most one "connections refused" warning this often, however many are refused.
 REFUSAL_LOG_INTERVAL = 60.0
-#: A bad request's reason is client-controlled text: logged on one line, this long at most.
-REASON_CHARS = 200
 
 log = logging.getLogger("proxy.listener")
 #: aiohttp's per-connection logger for the listen port (it defaults to `aiohttp.server`).
@@ -95,8 +94,7 @@ http_log.addFilter(_OneLineBadRequests())
 def _one_line(text: str) -> str:
     """Client-controlled text made safe for a log line: no line breaks or control bytes, bounded."""
     flat = " ".join(text.split())
-    safe = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in flat)
-    return safe if len(safe) <= REASON_CHARS else safe[: REASON_CHARS - 3] + "..."
+    return clip("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in flat))
 
 
 class ConnectionCap:
@@ -140,6 +138,11 @@ class ConnectionCap:
 
     def release(self) -> None:
         self.open -= 1
+
+    def resize(self, limit: int) -> None:
+        """Apply a reloaded cap: open connections stay; new ones count against `limit`."""
+        self.limit = limit
+        self._refusals = (_refusal_bytes(limit, openai=False), _refusal_bytes(limit, openai=True))
 
     def refuse(self, transport: asyncio.Transport) -> None:
         """Hand the connection over to a `_Refusal`, kept track of until it closes."""

@@ -30,6 +30,23 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _LIBRARY_LOGGERS = ("aiohttp",)
 
 
+#: The most of one client-controlled field (a model name, a path) that a log line shows.
+FIELD_CHARS = 200
+
+
+def clip(text: str, limit: int = FIELD_CHARS) -> str:
+    """`text` cut to `limit` characters, with how much was cut: `abc…(+1048376 bytes)`.
+
+    Every client-controlled field on its way to a log line goes through here, so
+    a 1 MB model name costs the log 200 characters, not a megabyte per line.
+    The count is in UTF-8 bytes, as the client sent them.
+    """
+    if len(text) <= limit:
+        return text
+    cut = len(text[limit:].encode("utf-8", "surrogatepass"))
+    return f"{text[:limit]}\u2026(+{cut} bytes)"
+
+
 def iso_time(seconds: float) -> str:
     """RFC 3339 UTC with milliseconds, e.g. 2026-11-24T09:01:02.123Z: sorts as text, parses everywhere."""
     global _second

@@ -408,7 +408,7 @@ class Simulator:
         openai = request.path.startswith("/v1/")
         record.body = await request.read()
         try:
-            body = json.loads(record.body)
+            body = json.loads(record.body, object_pairs_hook=_go_object)
         except ValueError as exc:  # also covers bodies that are not UTF-8
             message = "missing request body" if not record.body else f"invalid JSON body: {exc}"
             await reply.error(400, message, openai, "invalid_request_error")
@@ -841,6 +841,12 @@ def _openai_json_response(value: Any) -> web.Response:
 
 def _ns(seconds: float) -> int:
     return round(seconds * 1e9)
+
+
+def _go_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object as Ollama's Go decoder fills its request structs: keys match
+    case-insensitively (`"Model"` is `model`) and the last duplicate wins."""
+    return {key.lower(): value for key, value in pairs}
 
 
 def _canonical(name: str) -> str:

@@ -329,7 +329,7 @@ def test_systemd_unit_reloads_with_hup_and_drains_on_term():
     # systemd must not SIGKILL the drain: its stop timeout outlasts shutdown_grace.
     assert _timespan(service["TimeoutStopSec"]) > Config().shutdown_grace
     assert service["Restart"] == "on-failure"
-    assert int(service["LimitNOFILE"]) >= 4 * ListenConfig().max_connections
+    assert int(service["LimitNOFILE"]) >= 4 * Config().max_connections
     for key in ("DynamicUser", "NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert service[key] == "yes", key
     assert service["ProtectSystem"] == "strict"

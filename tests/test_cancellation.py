@@ -150,12 +150,18 @@ async def test_hundred_random_aborts_leave_no_close_wait_and_no_leaked_fd(sim, p
             b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        try:
-            async with asyncio.timeout(rng.uniform(0.0, 0.6)):
-                while await reader.read(65536):
-                    pass
-        except TimeoutError:
-            pass
+        if i % 5 == 0:
+            # Every fifth leaves right after its first token: a mid-stream abort however slow the machine.
+            seen = b""
+            while not re.search(rb'"response":"[^"]', seen) and (chunk := await reader.read(65536)):
+                seen = seen[-64:] + chunk
+        else:
+            try:
+                async with asyncio.timeout(rng.uniform(0.0, 0.6)):
+                    while await reader.read(65536):
+                        pass
+            except TimeoutError:
+                pass
         if rng.random() < 0.5:
             writer.transport.abort()  # RST
         else:
@@ -187,7 +193,7 @@ async def test_hundred_random_aborts_leave_no_close_wait_and_no_leaked_fd(sim, p
     assert re.search(r'^ollama_proxy_in_flight\{model="llama3.2:latest"\} 0\.0$', text, re.M)
     assert re.search(r'^ollama_proxy_queue_depth\{model="llama3.2:latest"\} 0\.0$', text, re.M)
     gone = sum(1 for r in sim.records if r.peer_closed_at is not None)
-    assert gone > 10  # the run really did abort generations mid-stream
+    assert gone >= 20  # the run really did abort generations mid-stream
     assert sim.peak <= 3
 
 

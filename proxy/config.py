@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -116,7 +117,7 @@ class HeartbeatConfig:
 
 @dataclass(frozen=True, slots=True)
 class RequestConfig:
-    """Request body limit in bytes."""
+    """How request bodies and headers are bounded, and where large bodies wait."""
 
     max_body: int = 64 * 1024 * 1024
     #: The whole body must arrive within this; a trickling client is cut off before it queues.
@@ -125,6 +126,10 @@ class RequestConfig:
     max_header_size: int = 8 * 1024
     #: Before the headers are complete; an idle keep-alive connection has the same bound.
     header_timeout: float = 10.0
+    #: A larger body waits for its slot in a private temporary file, not in the process's memory.
+    spool_above: int = 256 * 1024
+    #: Where spooled bodies go; "" is the system's temporary directory ($TMPDIR, else /tmp).
+    spool_dir: str = ""
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -547,6 +552,19 @@ def _merge_keys(access: AccessConfig, base: str, problems: list[str]) -> AccessC
     return replace(access, keys=MappingProxyType(keys))
 
 
+def _spool_dir(request: RequestConfig, base: str, problems: list[str]) -> RequestConfig:
+    """Resolve `request.spool_dir` from `base` and check now that files can be made there,
+    rather than at the first large body."""
+    path = os.path.join(base, request.spool_dir)
+    if not os.path.isdir(path):
+        problems.append(f"request.spool_dir: {path} is not a directory; create it or leave spool_dir empty")
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problems.append(
+            f"request.spool_dir: cannot create files in {path}; make it writable by the proxy's user"
+        )
+    return replace(request, spool_dir=path)
+
+
 def _unknown_key(path: str, key: object, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(key), valid, n=1)
     hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(valid)}"
@@ -621,6 +639,8 @@ _CONFIG = _section(
                 "body_timeout": _duration(allow_zero=False),
                 "max_header_size": _scalar(_to_size),
                 "header_timeout": _duration(allow_zero=False),
+                "spool_above": _scalar(_to_size),
+                "spool_dir": _scalar(_to_path),
             },
         ),
         "metrics": _section(MetricsConfig, {"path": _scalar(_to_metrics_path)}),
@@ -657,7 +677,7 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
     """Validate parsed YAML into a `Config`, raising one `ConfigError` that
     lists every problem. `source` names the whole document (usually the file)
     in the one problem that has no YAML path: a top level that is not a mapping.
-    A relative `access.keys_file` is found from `base` (the config file's folder).
+    A relative `access.keys_file` or `request.spool_dir` is found from `base` (the config file's folder).
     """
     if data is not None and not isinstance(data, dict):
         raise ConfigError([f"{source}: must be a mapping (got {_show(data)})"])
@@ -665,6 +685,8 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
     config: Config = _CONFIG(data, "", problems)
     if config.access is not None:
         config = replace(config, access=_merge_keys(config.access, base, problems))
+    if config.request is not None and config.request.spool_dir:
+        config = replace(config, request=_spool_dir(config.request, base, problems))
     if _same_socket(config):
         problems.append(
             f"admin.port: must differ from listen.port on the same host (got {config.admin.port})"
@@ -814,6 +836,8 @@ def summary(config: Config) -> str:
         ("heartbeat.non_streaming", non_streaming),
         ("request.max_body", format_size(config.request.max_body)),
         ("request.body_timeout", format_duration(config.request.body_timeout)),
+        ("request.spool_above", f"{format_size(config.request.spool_above)} (larger bodies wait in a file)"),
+        ("request.spool_dir", config.request.spool_dir or f"{tempfile.gettempdir()} (the system's)"),
         ("metrics.path", config.metrics.path),
         ("log", f"{config.log.format}, level {config.log.level}"),
         ("access.admin_endpoints", config.access.admin_endpoints),

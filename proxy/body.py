@@ -29,9 +29,9 @@ import logging
 import os
 import tempfile
 from types import TracebackType
-from typing import IO, Any
+from typing import IO
 
-from aiohttp import payload, web
+from aiohttp import HttpVersion11, payload, web
 from aiohttp.abc import AbstractStreamWriter
 
 from .config import RequestConfig, format_size
@@ -53,11 +53,6 @@ class Body:
         self._file = file
         #: Bytes in the body, wherever they are held.
         self.size = len(data) if size is None else size
-
-    @property
-    def spooled(self) -> bool:
-        """Whether the body is held in a file rather than in memory."""
-        return self._file is not None
 
     def read(self) -> bytes:
         """The whole body as bytes, to parse it. For a spooled body this is a transient copy
@@ -189,7 +184,7 @@ class _Spool:
     def _write(file: IO[bytes], data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[file.write(view) or 0 :]
+            view = view[file.write(view) :]
 
     def body(self) -> Body:
         if self._file is None:
@@ -204,16 +199,19 @@ class _Spool:
 
 async def _continue(request: web.Request) -> None:
     """Send `100 Continue` if the client waits for it (see `defer_expect`)."""
-    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+    if request.version >= HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         # As aiohttp's own expect handler does: the response proper has not begun.
         request.writer.output_size = 0
 
 
-async def defer_expect(request: web.Request) -> Any:
+async def defer_expect(request: web.Request) -> None:
     """The listen route's `expect_handler`: `100 Continue` waits for `receive`, so that a
     request refused before its body (413 by Content-Length, 401, 403, draining) is
-    answered at once and its body never sent. Any other expectation gets aiohttp's 417."""
+    answered at once and its body never sent. Any other expectation gets a 417, and
+    HTTP/1.0 has none, as with aiohttp's own handler."""
+    if request.version < HttpVersion11:
+        return
     if request.headers.get("Expect", "").lower() != "100-continue":
         raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers['Expect']}")
 

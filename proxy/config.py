@@ -801,6 +801,26 @@ def _format_address(host: str, port: int) -> str:
     return f"{shown}:{port}" if port else f"{shown}:0 (any free port)"
 
 
+def describe_spool_dir(spool_dir: str, mounts: str = "/proc/mounts") -> str:
+    """The directory, and a warning when it is in RAM: spooled bodies would then cost memory
+    after all (a tmpfs /tmp is common; `TMPDIR=/var/tmp` or a spool_dir on disk avoids it)."""
+    path = spool_dir or tempfile.gettempdir()
+    shown = path if spool_dir else f"{path} (the system's)"
+    try:
+        with open(mounts, encoding="utf-8") as file:
+            table = [line.split() for line in file]
+    except OSError:
+        return shown  # not Linux: no mount table to read
+    real = os.path.realpath(path)
+    points = [(row[1], row[2]) for row in table if len(row) > 2]
+    inside = [
+        (point, kind) for point, kind in points if real == point or real.startswith(point.rstrip("/") + "/")
+    ]
+    if inside and max(inside, key=lambda found: len(found[0]))[1] in ("tmpfs", "ramfs"):
+        return f"{shown}; WARNING: a tmpfs, so spooled bodies stay in RAM: set request.spool_dir to a disk"
+    return shown
+
+
 def _describe_keys(access: AccessConfig) -> str:
     if not access.keys:
         return "none (no authentication on the listen port)"
@@ -837,7 +857,7 @@ def summary(config: Config) -> str:
         ("request.max_body", format_size(config.request.max_body)),
         ("request.body_timeout", format_duration(config.request.body_timeout)),
         ("request.spool_above", f"{format_size(config.request.spool_above)} (larger bodies wait in a file)"),
-        ("request.spool_dir", config.request.spool_dir or f"{tempfile.gettempdir()} (the system's)"),
+        ("request.spool_dir", describe_spool_dir(config.request.spool_dir)),
         ("metrics.path", config.metrics.path),
         ("log", f"{config.log.format}, level {config.log.level}"),
         ("access.admin_endpoints", config.access.admin_endpoints),

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from proxy.body import Body
-from proxy.config import ConfigError, config_from_dict, summary
+from proxy.config import ConfigError, config_from_dict, describe_spool_dir, summary
 from proxy.simulator import Simulator
 
 from .conftest import MakeProxy, eventually, hold_the_slot, proxy_config, release, running_proxy
@@ -290,3 +290,12 @@ def test_spool_settings_are_checked_and_shown(tmp_path: Path) -> None:
         p.startswith(f"request.spool_dir: {tmp_path}/nowhere is not a directory") for p in err.value.problems
     )
     assert any(p.startswith("request.spool_above:") for p in err.value.problems)
+
+
+def test_the_summary_warns_when_bodies_would_be_spooled_to_ram(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\ntmpfs {tmp_path}/ram tmpfs rw 0 0\n")
+    (tmp_path / "ram").mkdir()
+    (tmp_path / "ramdisk").mkdir()  # a name that merely starts like the tmpfs mount point
+    assert "WARNING: a tmpfs" in describe_spool_dir(str(tmp_path / "ram"), str(mounts))
+    assert describe_spool_dir(str(tmp_path / "ramdisk"), str(mounts)) == str(tmp_path / "ramdisk")

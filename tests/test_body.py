@@ -151,6 +151,20 @@ async def test_the_spool_file_is_closed_on_every_path(
             await release(holder)
 
 
+async def test_a_spooled_body_cut_at_shutdown_leaves_no_file(
+    sim: Simulator, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    proxy = await make_proxy(**spool_sections(tmp_path), shutdown_grace="100ms")
+    holder = await hold_the_slot(sim, http, proxy)
+    waiting = asyncio.create_task(post(http, proxy.listen_url, generate_body(MiB)))
+    await eventually(lambda: len(spooled_fds(tmp_path)) == 1, timeout=20)
+    await asyncio.wait_for(proxy.stop(), 20)
+    assert spooled_fds(tmp_path) == []
+    status, answer = await asyncio.wait_for(waiting, 20)
+    assert (status, b"shutdown_grace" in answer) == (503, True)
+    await release(holder)
+
+
 async def test_the_proxy_does_not_grow_with_the_bodies_waiting(
     sim: Simulator, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:

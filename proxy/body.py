@@ -41,6 +41,8 @@ log = logging.getLogger("proxy.body")
 
 #: Bytes read from a spool file per write upstream.
 CHUNK = 256 * 1024
+#: Retry-After, in seconds, when a body cannot be spooled (disk full, directory gone).
+SPOOL_RETRY_AFTER = 10
 
 
 class Body:
@@ -178,7 +180,10 @@ class _Spool:
             log.error(
                 "spool failed: cannot write a request body to %s: %s; check request.spool_dir", where, exc
             )
-            raise SpoolFailed("the proxy cannot hold this request body now; retry later") from None
+            # Like every 503, with Retry-After; disk trouble rarely clears within a second.
+            raise SpoolFailed(
+                "the proxy cannot hold this request body now; retry later", retry_after=SPOOL_RETRY_AFTER
+            ) from None
 
     @staticmethod
     def _write(file: IO[bytes], data: bytes) -> None:

@@ -151,6 +151,22 @@ async def test_the_spool_file_is_closed_on_every_path(
             await release(holder)
 
 
+async def test_a_body_that_cannot_be_spooled_gets_503_and_the_reason_is_logged(
+    make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    proxy = await make_proxy(**spool_sections(spool))
+    spool.rmdir()  # gone after the config was checked: a full or unmounted disk looks alike
+    async with http.post(proxy.listen_url + "/api/generate", data=generate_body(MiB)) as resp:
+        status, answer, retry = resp.status, await resp.read(), resp.headers.get("Retry-After")
+    assert (status, retry) == (503, "10")
+    assert json.loads(answer) == {"error": "the proxy cannot hold this request body now; retry later"}
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spool failed")]
+    assert str(spool) in line and "request.spool_dir" in line
+    assert (await post(http, proxy.listen_url, generate_body(1000)))[0] == 200  # small bodies are unaffected
+
+
 async def test_a_spooled_body_cut_at_shutdown_leaves_no_file(
     sim: Simulator, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:

@@ -123,14 +123,23 @@ def proxy_config(upstream: str, port: int, admin_port: int, **limits: object) ->
 
 @contextlib.asynccontextmanager
 async def proxy(
-    upstream: str, workdir: Path, *, uvloop: bool = False, heartbeat: float | None = None, **limits: object
+    upstream: str,
+    workdir: Path,
+    *,
+    uvloop: bool = False,
+    heartbeat: float | None = None,
+    request: dict[str, object] | None = None,
+    **limits: object,
 ) -> AsyncIterator[Server]:
-    """`python -m proxy` (or under uvloop) with a generated config; logs go to a file."""
+    """`python -m proxy` (or under uvloop) with a generated config; logs go to a file.
+    `request` sets request.* keys."""
     name = "proxy+uvloop" if uvloop else "proxy"
     server = Server(name, free_port(), free_port())
     config = proxy_config(upstream, server.port, server.admin_port, **limits)
     if heartbeat is not None:
         config["heartbeat"] = {"interval": heartbeat}
+    if request is not None:
+        config["request"] = request
     path = workdir / f"{name}-{server.port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = path.with_suffix(".log")

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import admin, listener, logs
 from .admission import Admission
+from .body import defer_expect
 from .classify import canonical_model
 from .config import Config, ConfigError, config_warnings, format_duration, load_config
 from .handler import handle
@@ -61,7 +62,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 def build_proxy_app(state: ProxyState) -> web.Application:
     app = web.Application()
     app[STATE] = state
-    app.router.add_route("*", "/{path:.*}", handle)
+    app.router.add_route("*", "/{path:.*}", handle, expect_handler=defer_expect)
     app.cleanup_ctx.append(_client_session)
     return app
 

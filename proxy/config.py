@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -130,7 +131,7 @@ class HeartbeatConfig:
 
 @dataclass(frozen=True, slots=True)
 class RequestConfig:
-    """Request body limit in bytes."""
+    """How request bodies and headers are bounded, and where large bodies wait."""
 
     max_body: int = 64 * 1024 * 1024
     #: The whole body must arrive within this; a trickling client is cut off before it queues.
@@ -139,6 +140,10 @@ class RequestConfig:
     max_header_size: int = 8 * 1024
     #: Before the headers are complete; an idle keep-alive connection has the same bound.
     header_timeout: float = 10.0
+    #: A larger body waits for its slot in a private temporary file, not in the process's memory.
+    spool_above: int = 256 * 1024
+    #: Where spooled bodies go; "" is the system's temporary directory ($TMPDIR, else /tmp).
+    spool_dir: str = ""
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -616,6 +621,19 @@ def _merge_keys(access: AccessConfig, base: str, problems: list[str]) -> AccessC
     return replace(access, keys=MappingProxyType(keys))
 
 
+def _spool_dir(request: RequestConfig, base: str, problems: list[str]) -> RequestConfig:
+    """Resolve `request.spool_dir` from `base` and check now that files can be made there,
+    rather than at the first large body."""
+    path = os.path.join(base, request.spool_dir)
+    if not os.path.isdir(path):
+        problems.append(f"request.spool_dir: {path} is not a directory; create it or leave spool_dir empty")
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problems.append(
+            f"request.spool_dir: cannot create files in {path}; make it writable by the proxy's user"
+        )
+    return replace(request, spool_dir=path)
+
+
 def _unknown_key(path: str, key: object, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(key), valid, n=1)
     hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(valid)}"
@@ -691,6 +709,8 @@ _CONFIG = _section(
                 "body_timeout": _duration(allow_zero=False),
                 "max_header_size": _scalar(_to_size),
                 "header_timeout": _duration(allow_zero=False),
+                "spool_above": _scalar(_to_size),
+                "spool_dir": _scalar(_to_path),
             },
         ),
         "metrics": _section(MetricsConfig, {"path": _scalar(_to_metrics_path)}),
@@ -728,7 +748,7 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
     """Validate parsed YAML into a `Config`, raising one `ConfigError` that
     lists every problem. `source` names the whole document (usually the file)
     in the one problem that has no YAML path: a top level that is not a mapping.
-    A relative `access.keys_file` is found from `base` (the config file's folder).
+    A relative `access.keys_file` or `request.spool_dir` is found from `base` (the config file's folder).
     """
     if data is not None and not isinstance(data, dict):
         raise ConfigError([f"{source}: must be a mapping (got {_show(data)})"])
@@ -736,6 +756,8 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
     config: Config = _CONFIG(data, "", problems)
     if config.access is not None:
         config = replace(config, access=_merge_keys(config.access, base, problems))
+    if config.request is not None and config.request.spool_dir:
+        config = replace(config, request=_spool_dir(config.request, base, problems))
     if _same_socket(config):
         problems.append(
             f"admin.port: must differ from listen.port on the same host (got {config.admin.port})"
@@ -879,6 +901,26 @@ def _describe_max_connections(config: Config) -> str:
     return f"{config.max_connections} (limits.max_queue + limits.max_concurrent + {CONNECTION_HEADROOM})"
 
 
+def describe_spool_dir(spool_dir: str, mounts: str = "/proc/mounts") -> str:
+    """The directory, and a warning when it is in RAM: spooled bodies would then cost memory
+    after all (a tmpfs /tmp is common; `TMPDIR=/var/tmp` or a spool_dir on disk avoids it)."""
+    path = spool_dir or tempfile.gettempdir()
+    shown = path if spool_dir else f"{path} (the system's)"
+    try:
+        with open(mounts, encoding="utf-8") as file:
+            table = [line.split() for line in file]
+    except OSError:
+        return shown  # not Linux: no mount table to read
+    real = os.path.realpath(path)
+    points = [(row[1], row[2]) for row in table if len(row) > 2]
+    inside = [
+        (point, kind) for point, kind in points if real == point or real.startswith(point.rstrip("/") + "/")
+    ]
+    if inside and max(inside, key=lambda found: len(found[0]))[1] in ("tmpfs", "ramfs"):
+        return f"{shown}; WARNING: a tmpfs, so spooled bodies stay in RAM: set request.spool_dir to a disk"
+    return shown
+
+
 def _describe_keys(access: AccessConfig) -> str:
     if not access.keys:
         return "none (no authentication on the listen port)"
@@ -924,6 +966,8 @@ def summary(config: Config) -> str:
         ("heartbeat.non_streaming", non_streaming),
         ("request.max_body", format_size(config.request.max_body)),
         ("request.body_timeout", format_duration(config.request.body_timeout)),
+        ("request.spool_above", f"{format_size(config.request.spool_above)} (larger bodies wait in a file)"),
+        ("request.spool_dir", describe_spool_dir(config.request.spool_dir)),
         ("metrics.path", config.metrics.path),
         ("log", f"{config.log.format}, level {config.log.level}"),
         ("access.admin_endpoints", config.access.admin_endpoints),

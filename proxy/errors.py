@@ -108,6 +108,13 @@ class QueueTimeout(ProxyError):
     reason = "queue_timeout"
 
 
+class SpoolFailed(ProxyError):
+    """A large body could not be written to `request.spool_dir` (full, missing, no permission)."""
+
+    status = 503
+    reason = "spool_failed"
+
+
 class UpstreamError(ProxyError):
     """Upstream failed; `kind` labels `ollama_proxy_upstream_errors_total`."""
 

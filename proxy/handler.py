@@ -22,7 +22,8 @@ from aiohttp import web
 
 from . import access, accesslog, classify, usage
 from .admission import Slot
-from .config import Config, format_duration, format_size
+from .body import EMPTY, Body, receive
+from .config import Config, format_duration
 from .errors import (
     BadRequest,
     BodyTimeout,
@@ -66,6 +67,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     )
     reply: Reply | None = None
     cors: access.CorsHeaders = ()
+    body: Body = EMPTY
     state.enter(task)
     try:
         cors = access.cors_headers(
@@ -83,7 +85,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if state.draining:
             raise _draining(state)
         body = await _read_body(request, config)
-        job = classify.job(route, body) if route.queued else None
+        job = classify.job(route, body.read()) if route.queued else None
         if job is not None:
             ex.model = classify.canonical_model(job.model)
         if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
@@ -153,6 +155,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise
         return reply.response if reply and reply.response else web.Response(status=CLIENT_GONE)
     finally:
+        body.close()  # a spooled body's file goes on every path: done, refused, client gone, shutdown
         state.leave(task)
         ex.duration = loop.time() - ex.started
         ex.sent = reply.sent if reply else ex.sent
@@ -166,14 +169,14 @@ async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:
     return response
 
 
-async def _read_body(request: web.Request, config: Config) -> bytes:
+async def _read_body(request: web.Request, config: Config) -> Body:
     """The whole body within `request.body_timeout`, so a trickling client never reaches the queue."""
     if not request.body_exists:
-        return b""  # most relayed-at-once requests (GET /api/tags): no timer to arm
+        return EMPTY  # most relayed-at-once requests (GET /api/tags): no timer to arm
     deadline = config.request.body_timeout
     try:
         async with asyncio.timeout(deadline):
-            return await read_body(request, config.request.max_body)
+            return await receive(request, config.request)
     except TimeoutError:
         raise BodyTimeout(
             f"the request body did not arrive within request.body_timeout={format_duration(deadline)}; "
@@ -181,29 +184,12 @@ async def _read_body(request: web.Request, config: Config) -> bytes:
         ) from None
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, refused as soon as it passes `limit` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-    except web.RequestPayloadError as exc:
-        raise BadRequest(f"could not read the request body: {exc}") from None
-    return b"".join(chunks)
-
-
 async def _relay(
     state: ProxyState,
     config: Config,
     request: web.Request,
     path: str,
-    body: bytes,
+    body: Body,
     reply: Reply,
     ex: Exchange | None = None,
     streaming: bool = False,
@@ -293,13 +279,6 @@ def _note(slot: Slot) -> str:
     if place is None:
         return "running, waiting for upstream"
     return f"queued, position {place[0]} of {place[1]}"
-
-
-def _too_large(limit: int) -> TooLarge:
-    return TooLarge(
-        f"request body is larger than request.max_body={format_size(limit)}; "
-        "send a smaller body or raise request.max_body"
-    )
 
 
 def _outcome(err: ProxyError) -> str:

@@ -36,6 +36,7 @@ EXTRA_MODEL_LABELS = 50
 REJECT_REASONS = (
     "queue_full", "queue_timeout", "bad_request", "too_large",
     "body_timeout", "unauthorized", "forbidden", "key_queue_full", "draining",
+    "spool_failed",
 )  # fmt: skip
 DISCONNECT_PHASES = ("queued", "running")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "status")

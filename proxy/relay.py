@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .body import Body
 from .config import format_duration
 from .errors import (
     UpstreamEncoded,
@@ -120,7 +121,7 @@ async def relay(
     session: aiohttp.ClientSession,
     base_url: str,
     request: web.Request,
-    body: bytes,
+    body: Body,
     reply: Reply,
     timeout: aiohttp.ClientTimeout,
     on_chunk: Callable[[bytes], None] | None = None,
@@ -154,7 +155,7 @@ async def relay(
             # Already resolved and escaped: `encoded` keeps yarl from doing either again.
             URL(base_url + _with_query(path, request.raw_path), encoded=True),
             headers=upstream_headers(request, private),
-            data=body if body else None,
+            data=body.payload(),
             allow_redirects=False,
             timeout=timeout,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -35,6 +36,12 @@ PATHS = {
     "tags": "/api/tags",
 }
 _ID = re.compile(rb"req-\d+\b")
+#: The proxy's body bounds in this suite, small so that bodies at them are cheap: a body
+#: above SPOOL_ABOVE waits in a file, and MAX_BODY is the largest accepted.
+SPOOL_ABOVE = 16 * 1024
+MAX_BODY = 256 * 1024
+#: Body sizes at those bounds, given to some generation requests.
+BOUND_SIZES = (SPOOL_ABOVE, SPOOL_ABOVE + 1, MAX_BODY)
 #: Keep-alive frames of the two NDJSON wires: an empty token that is not the end.
 _NDJSON_FRAME = re.compile(rb'"(response|content)":""\}?,"done":false\}$')
 
@@ -50,6 +57,7 @@ class Spec:
     vanish: str | None  # None, or when to leave: partial_body, early, upstream, token
     rst: bool  # leave with an RST rather than a FIN
     delay: float  # how long `early` waits, or how long a partial body hangs before leaving
+    size: int = 0  # the body's exact size in bytes, padded; 0: as small as it comes
 
     @property
     def ident(self) -> str:
@@ -79,6 +87,9 @@ class Spec:
             payload["prompt"] = prompt
         else:
             payload["messages"] = [{"role": "user", "content": prompt}]
+        if self.size:
+            payload["pad"] = ""  # a key Ollama ignores, filled to make the body `size` bytes
+            payload["pad"] = "x" * (self.size - len(json.dumps(payload)))
         body = json.dumps(payload).encode() if self.kind != "bad" else f"{{not json {self.ident}".encode()
         head = (
             f"POST {self.path} HTTP/1.1\r\nHost: chaos\r\nContent-Type: application/json\r\n"
@@ -138,6 +149,14 @@ def make_plan(seed: int, n: int) -> Plan:
         gap=tokens * token_delay / limit * rng.uniform(0.6, 1.1),
     )
     specs = [_spec(rng, i) for i in range(n)]
+    # Its own generator, so that the plans of every seed are otherwise what they were.
+    sizes = random.Random(seed * 1_000_003)
+    specs = [
+        dataclasses.replace(spec, size=sizes.choice(BOUND_SIZES))
+        if spec.kind in ("generate", "chat", "openai") and sizes.random() < 0.2
+        else spec
+        for spec in specs
+    ]
     events: list[Event] = []
     drain = rng.random() < 0.5
     # A drain keeps the last requests to itself: hung into it, they outlive its grace and

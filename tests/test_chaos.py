@@ -38,7 +38,7 @@ from proxy.classify import canonical_model
 from proxy.config import load_config
 from proxy.simulator import GARBAGE, GenRecord, Simulator
 
-from .chaos import Call, Event, Ledger, Plan, Spec, Verdict, call, judge, make_plan
+from .chaos import MAX_BODY, SPOOL_ABOVE, Call, Event, Ledger, Plan, Spec, Verdict, call, judge, make_plan
 from .conftest import ProxyProcess, eventually, proxy_config, running_proxy
 
 RUNS = int(os.environ.get("CHAOS_RUNS", "3"))
@@ -54,6 +54,8 @@ CLIENT_TIMEOUT = 15.0
 #: test_cancellation); here a loop busy with a hundred clients gets slack.
 CLOSE_BOUND = 0.5
 SETTLE = 5.0
+#: Where large bodies wait, beside the config file; left empty when the run has settled.
+SPOOL_DIR = "spool"
 _LOG_TROUBLE = re.compile(r"Traceback|Error handling request|Unhandled exception|never retrieved|Unclosed")
 
 
@@ -67,6 +69,7 @@ class Target(Protocol):
     def sockets(self) -> list: ...
     def fds(self) -> int: ...
     def fds_when_idle(self, pooled: int, drained: bool) -> int: ...
+    def spooled(self) -> list[str]: ...
     def queue(self) -> tuple[int, int] | None: ...
     async def metrics(self) -> str | None: ...
     def trouble(self) -> list[str]: ...
@@ -107,6 +110,9 @@ class InProcess:
         # Both ends of a pooled upstream connection live in this process (the simulator
         # holds the other); after a drain the listeners and the pool are gone too.
         return self.base_fds if drained else self.idle_fds + 2 * pooled
+
+    def spooled(self) -> list[str]:
+        return _open_in(os.getpid(), self.path.parent / SPOOL_DIR)
 
     def queue(self) -> tuple[int, int] | None:
         admission = self.server.state.admission
@@ -151,6 +157,9 @@ class Process:
     def fds_when_idle(self, pooled: int, drained: bool) -> int:
         return 0 if drained else self.idle_fds + pooled
 
+    def spooled(self) -> list[str]:
+        return [] if self.exited else _open_in(self.pid, self.path.parent / SPOOL_DIR)
+
     def queue(self) -> tuple[int, int] | None:
         return None
 
@@ -164,6 +173,17 @@ class Process:
 
     def trouble(self) -> list[str]:
         return [line.strip() for line in self.started.log if _LOG_TROUBLE.search(line)]
+
+
+def _open_in(pid: int, directory: Path) -> list[str]:
+    """Files process `pid` holds open in `directory`: a spooled body's unnamed file shows as
+    `directory/#inode (deleted)`."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            if (target := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith(f"{directory}/"):
+                found.append(target)
+    return found
 
 
 class _Trouble(logging.Handler):
@@ -190,6 +210,8 @@ def config_for(plan: Plan, upstream: str, limit: int, caps: dict[str, int]) -> d
         },
         timeouts={"connect": 0.5, "read": READ_TIMEOUT, "generation": GENERATION},
         heartbeat={"interval": s.interval, "non_streaming": s.non_streaming},
+        # Relative: found beside the config file, in the test's own directory.
+        request={"max_body": MAX_BODY, "spool_above": SPOOL_ABOVE, "spool_dir": SPOOL_DIR},
         shutdown_grace=GRACE,
     )
 
@@ -303,6 +325,15 @@ class Run:
             if verdict.violation:
                 self.violations.append(f"{result.spec.ident}: {verdict.violation}")
             self.check_upstream_closed(result, records)
+            self.check_body_relayed(result, records)
+
+    def check_body_relayed(self, result: Call, records: list[GenRecord]) -> None:
+        """Upstream received the body the client sent, byte for byte, spooled or not."""
+        _, body = result.spec.request()
+        if any(record.body != body for record in records):
+            self.violations.append(
+                f"{result.spec.ident}: upstream received a body other than the {len(body)} bytes sent"
+            )
 
     def check_upstream_closed(self, result: Call, records: list[GenRecord]) -> None:
         """A client that left takes its upstream request with it, promptly."""
@@ -368,6 +399,8 @@ class Run:
         others = [c for c in conns if c.status != psutil.CONN_LISTEN and c not in pooled]
         if others:
             found.append(f"proxy sockets other than listeners and pooled upstream ones: {others}")
+        if spooled := target.spooled():
+            found.append(f"spooled request bodies still open: {spooled}")
         expected = target.fds_when_idle(len(pooled), drained)
         if (fds := target.fds()) != expected:
             found.append(f"open fds {fds}, idle level {expected} ({len(pooled)} pooled upstream)")
@@ -379,11 +412,13 @@ class Run:
         hit = Counter(r.fault for r in self.sim.records if r.fault)
         rst = sum(1 for c in self.calls if c.vanished and c.spec.rst)
         cut_at_shutdown = sum(1 for c in self.calls if b"shutdown_grace" in c.body)
+        at_bounds = sum(1 for c in self.calls if c.spec.size)
         return (
             f"chaos seed={self.plan.seed} mode={self.plan.mode} requests={len(self.calls)} "
             f"limit={s.max_concurrent}->{[limit for limit, _ in self.limits[1:]]} "
             f"upstream_peak={self.sim.peak} events={dict(sorted(self.events.items()))} "
             f"upstream_requests_hit={dict(sorted(hit.items()))} vanished_rst={rst} cut_at_shutdown={cut_at_shutdown} "
+            f"bodies_at_bounds={at_bounds} "
             f"outcomes={dict(sorted(outcomes.items()))} violations={len(self.violations)} "
             f"time={elapsed:.1f}s settle={self.settled_in:.2f}s"
         )
@@ -411,6 +446,7 @@ async def test_chaos_keeps_every_invariant(seed: int, tmp_path: Path) -> None:
     sim = Simulator(tokens=s.tokens, token_delay=s.token_delay)
     await sim.start()
     path = tmp_path / "config.yaml"
+    (tmp_path / SPOOL_DIR).mkdir()
     path.write_text(json.dumps(config_for(plan, sim.url, s.max_concurrent, s.caps)))
     try:
         async with target_for(plan, path, sim) as target:

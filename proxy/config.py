@@ -966,9 +966,11 @@ def summary(config: Config) -> str:
         ("heartbeat.non_streaming", non_streaming),
         ("request.max_body", format_size(config.request.max_body)),
         ("request.body_timeout", format_duration(config.request.body_timeout)),
-        ("request.spool_above", f"{format_size(config.request.spool_above)} (larger bodies wait in a file)"),
-        ("request.spool_dir", describe_spool_dir(config.request.spool_dir)),
-        ("metrics.path", config.metrics.path),
+        (
+            "request.spool_above",
+            f"{format_size(config.request.spool_above)} (larger bodies wait in a file in "
+            f"request.spool_dir {describe_spool_dir(config.request.spool_dir)})",
+        ),
         ("log", f"{config.log.format}, level {config.log.level}"),
         ("access.admin_endpoints", config.access.admin_endpoints),
         ("access.keys", _describe_keys(config.access)),

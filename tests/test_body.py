@@ -312,8 +312,11 @@ def test_spool_settings_are_checked_and_shown(tmp_path: Path) -> None:
     config = config_from_dict({"request": {"spool_above": "1MiB", "spool_dir": "spool"}}, base=str(tmp_path))
     assert (config.request.spool_above, config.request.spool_dir) == (MiB, str(tmp_path / "spool"))
     shown = summary(config)
-    assert re.search(r"request\.spool_above\s+1 MiB \(larger bodies wait in a file\)", shown)
-    assert re.search(rf"request\.spool_dir\s+{re.escape(str(tmp_path / 'spool'))}\n", shown)
+    assert re.search(
+        rf"request\.spool_above\s+1 MiB \(larger bodies wait in a file in request\.spool_dir "
+        rf"{re.escape(str(tmp_path / 'spool'))}\)\n",
+        shown,
+    )
     with pytest.raises(ConfigError) as err:
         config_from_dict({"request": {"spool_dir": "nowhere", "spool_above": "lots"}}, base=str(tmp_path))
     assert any(

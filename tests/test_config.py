@@ -393,7 +393,7 @@ def test_summary_of_defaults_shows_the_key_figures() -> None:
         "heartbeat.interval       15s",
         "heartbeat.non_streaming  true",
         "request.max_body         64 MiB",
-        "metrics.path             /metrics",
+        "127.0.0.1:11436  (/metrics and /-/*)",
         "shutdown_grace           30s",
     ]:
         assert figure in text

@@ -27,6 +27,7 @@ __all__ = [
     "AdminConfig",
     "Config",
     "ConfigError",
+    "HealthConfig",
     "HeartbeatConfig",
     "LimitsConfig",
     "ListenConfig",
@@ -115,6 +116,18 @@ class HeartbeatConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """How the proxy watches upstream, and how long waiting requests wait out an outage (seconds)."""
+
+    #: Period of the background probe (/api/version, /api/tags).
+    interval: float = 5.0
+    #: One probe's bound: a probe that takes longer counts as upstream down.
+    timeout: float = 2.0
+    #: While upstream is unreachable, waiting requests keep their place this long; then 503.
+    outage_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class RequestConfig:
     """Request body limit in bytes."""
 
@@ -176,6 +189,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     shutdown_grace: float = 30.0
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 class ConfigError(Exception):
@@ -635,6 +649,14 @@ _CONFIG = _section(
             },
         ),
         "shutdown_grace": _duration(allow_zero=True),
+        "health": _section(
+            HealthConfig,
+            {
+                "interval": _duration(allow_zero=False),
+                "timeout": _duration(allow_zero=False),
+                "outage_grace": _duration(allow_zero=True),
+            },
+        ),
     },
 )
 
@@ -786,6 +808,12 @@ def _describe_keys(access: AccessConfig) -> str:
     return f"{len(access.keys)} ({', '.join(access.keys)}){per_key}"
 
 
+def _describe_grace(grace: float) -> str:
+    if not grace:
+        return "0s (no waiting: 502 when upstream cannot be reached, 503 while it is down)"
+    return f"{format_duration(grace)} waiting requests wait for an unreachable upstream, then 503"
+
+
 def summary(config: Config) -> str:
     """The effective limits, one per line and labelled by YAML path, so what
     `check-config` prints can be matched against the file at a glance."""
@@ -819,6 +847,9 @@ def summary(config: Config) -> str:
         ("access.admin_endpoints", config.access.admin_endpoints),
         ("access.keys", _describe_keys(config.access)),
         ("shutdown_grace", format_duration(config.shutdown_grace)),
+        ("health.interval", f"{format_duration(config.health.interval)} between upstream probes"),
+        ("health.timeout", format_duration(config.health.timeout)),
+        ("health.outage_grace", _describe_grace(config.health.outage_grace)),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

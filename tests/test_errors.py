@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from .conftest import sample, scrape
+from .conftest import eventually, sample, scrape
 
 
 @pytest.mark.parametrize(
@@ -72,17 +72,23 @@ def _closed_port() -> int:
 
 
 async def test_unreachable_upstream_gets_502(make_proxy, http):
+    """Relayed at once: the 502. A generation, once the proxy knows upstream is down (and with no
+    outage grace to wait in): the 503 with Retry-After; see test_outage for the waiting."""
     upstream = f"http://127.0.0.1:{_closed_port()}"
-    proxy = await make_proxy(upstream=upstream)
-    async with http.post(proxy.listen_url + "/api/generate", json={"model": "m"}) as resp:
-        assert resp.status == 502
-        error = (await resp.json())["error"]
-        assert f"cannot reach upstream {upstream}" in error and "upstream.url" in error
+    proxy = await make_proxy(upstream=upstream, health={"outage_grace": "0s", "interval": "30s"})
     async with http.get(proxy.listen_url + "/v1/models") as resp:
         assert resp.status == 502
-        assert (await resp.json())["error"]["type"] == "server_error"
+        error = (await resp.json())["error"]
+        assert f"cannot reach upstream {upstream}" in error["message"] and "upstream.url" in error["message"]
+        assert error["type"] == "server_error"
+    await eventually(lambda: proxy.state.health.up is False, timeout=10)
+    async with http.post(proxy.listen_url + "/api/generate", json={"model": "m"}) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "30"
+        assert "upstream (Ollama) has been unreachable" in (await resp.json())["error"]
     metrics = await scrape(http, proxy)
-    assert sample(metrics, "ollama_proxy_upstream_errors_total", kind="connect") == 2
+    assert sample(metrics, "ollama_proxy_upstream_errors_total", kind="connect") == 1
+    assert sample(metrics, "ollama_proxy_rejected_total", reason="upstream_down") == 1
+    assert sample(metrics, "ollama_proxy_upstream_up") == 0
 
 
 async def test_upstream_silent_past_read_timeout_gets_504(sim, make_proxy, http):

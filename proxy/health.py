@@ -124,16 +124,17 @@ class UpstreamHealth:
         """Raise Ollama's 404 if upstream does not have `model`.
 
         A list read before the request `arrived` (loop time) may predate a pull, so
-        it is read again first (one read shared by everyone asking at once). An
-        unknown list, or one that cannot be read now, refuses nothing: upstream
-        then answers for itself.
+        it is read again first (one read shared by everyone asking at once), unless
+        upstream is down: then nothing can have been pulled, and the last list
+        stands (as it does when the read fails). An unknown list refuses nothing:
+        upstream then answers for itself.
         """
         key = canonical_model(model)
         if self._models is None or key in self._models:
             return
-        if self._models_at < arrived:
+        if self._models_at < arrived and self._up is not False:
             await self._refresh_tags(arrived)
-            if self._models is None or key in self._models or self._models_at < arrived:
+            if self._models is None or key in self._models:
                 return
         raise ModelNotFound(model)
 

@@ -73,6 +73,7 @@ class UpstreamHealth:
         self._since = 0.0  # loop time of the last change of `_up`
         self._grace_over = False
         self._grace_timer: asyncio.TimerHandle | None = None
+        #: The last probe's or connection's failure, kept after recovery for the queue page.
         self.last_error = ""
         self.version = ""
         #: Canonical names upstream lists; None while unknown (never read, or not Ollama's answer).
@@ -108,6 +109,16 @@ class UpstreamHealth:
     def models(self) -> frozenset[str] | None:
         """Canonical names of the models upstream lists, or None while unknown."""
         return self._models
+
+    def view(self) -> dict[str, object]:
+        """For `/-/queue`: what the proxy knows of upstream now."""
+        return {
+            "up": self._up,
+            "down_for": round(self.down_for(), 3),
+            "version": self.version,
+            "last_error": self.last_error,
+            "models": None if self._models is None else sorted(self._models),
+        }
 
     def lists(self, model: str) -> bool:
         """Upstream's last list has `model` (a canonical name)."""

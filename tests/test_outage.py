@@ -138,6 +138,12 @@ async def test_an_outage_past_the_grace_answers_503_then_recovers(sim, make_prox
         assert resp.status == 503 and resp.headers["Retry-After"] == "1"  # at once, no keep-alive
     metrics = await scrape(http, proxy)
     assert sample(metrics, "ollama_proxy_rejected_total", reason="upstream_down") == 4
+    async with http.get(proxy.admin_url + "/-/queue") as resp:
+        upstream = (await resp.json())["upstream"]
+    assert upstream["up"] is False and upstream["down_for"] >= 1.5
+    assert "not answering /api/version" in upstream["last_error"] and "llama3.2:latest" in upstream["models"]
+    async with http.get(proxy.admin_url + "/-/ready") as resp:
+        assert resp.status == 503 and "not answering /api/version" in (await resp.json())["reason"]
     assert sample(metrics, "ollama_proxy_upstream_up") == 0
 
     await restart(sim)

@@ -6,15 +6,11 @@ app has no such routes at all, it relays every path to Ollama.
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import queueview
 from .state import STATE
-
-#: /-/ready must answer quickly even when upstream hangs.
-READY_TIMEOUT = 5.0
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -32,17 +28,12 @@ async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
         return _not_ready("draining: the proxy is shutting down")
-    assert state.session is not None
+    # A probe of its own (shared with one under way), which the health component also learns from.
+    probe = await state.health.probe()
+    if not probe.ok:
+        return _not_ready(probe.detail)
     url = state.config.upstream.url
-    timeout = aiohttp.ClientTimeout(total=READY_TIMEOUT)
-    try:
-        async with state.session.get(url + "/api/version", timeout=timeout) as resp:
-            if resp.status != 200:
-                return _not_ready(f"upstream {url} answered /api/version with {resp.status}")
-            version = (await resp.json(content_type=None)).get("version", "unknown")
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
-        return _not_ready(f"upstream {url} not answering /api/version: {str(exc) or type(exc).__name__}")
-    return web.json_response({"status": "ready", "upstream": url, "upstream_version": version})
+    return web.json_response({"status": "ready", "upstream": url, "upstream_version": probe.detail})
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -9,6 +9,11 @@ Invariant kept after every change: no waiter could be admitted right now. So a
 newcomer that finds room may run at once without overtaking anyone, and every
 release only has to look for the first waiters that now fit.
 
+While upstream is unreachable, admission is paused (`pause`/`resume`, driven
+by the health component): newcomers queue even where there is room, and a
+request that could not connect goes back to its place (`Slot.requeue`), kept
+by its arrival order, so an Ollama restart costs the queue nothing.
+
 Cancellation safety: a slot is counted the moment it is granted, before its
 task resumes, so a task cancelled between grant and resume hands the slot on
 in `__aenter__`'s own cleanup; a task cancelled while waiting just leaves the
@@ -21,10 +26,11 @@ import asyncio
 import itertools
 import math
 from collections import Counter
+from collections.abc import Callable
 
 from .classify import canonical_model
 from .config import LimitsConfig, format_duration
-from .errors import OwnerQueueFull, QueueFull, QueueTimeout
+from .errors import OwnerQueueFull, ProxyError, QueueFull, QueueTimeout
 from .text import counted
 
 #: How long a slot is taken to be held until a request has finished to learn from.
@@ -35,10 +41,12 @@ _MAX_RETRY_AFTER = 600
 class Slot:
     """One request's place: waiting, then running, then released."""
 
-    __slots__ = ("_admission", "model", "key", "owner", "enqueued_at", "admitted_at", "_future")
+    __slots__ = ("_admission", "model", "key", "owner", "enqueued_at", "admitted_at", "_future", "_order")
 
-    def __init__(self, admission: Admission, model: str, owner: str = "") -> None:
+    def __init__(self, admission: Admission, model: str, order: int, owner: str = "") -> None:
         self._admission = admission
+        #: Arrival order: a request sent back to the queue goes back to this place.
+        self._order = order
         self.model = model
         self.key = canonical_model(model)
         #: Who asked (a client key's name), for the per-key queue bound and the queue page.
@@ -53,6 +61,15 @@ class Slot:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._admission._release(self)
+
+    async def requeue(self) -> None:
+        """Give the slot back and wait again at this request's original place in the queue.
+
+        For a request that upstream never received (it could not connect): it has
+        lost nothing by waiting, so it keeps its arrival time, its queue position
+        and its `queue_timeout` deadline. Returns holding a slot again, like entering.
+        """
+        await self._admission._requeue(self)
 
     @property
     def waited(self) -> float:
@@ -77,12 +94,36 @@ class Admission:
         self._holding: dict[Slot, None] = {}
         self._waiters: dict[Slot, None] = {}
         self._avg_hold: float | None = None
+        self._arrivals = itertools.count()
+        #: Upstream is unreachable: nobody is admitted until `resume`.
+        self._paused = False
         # One timer for the queue's head: every waiter has the same queue_timeout and
         # joined in order, so they run out in queue order too.
         self._deadline: asyncio.TimerHandle | None = None
 
     def slot(self, model: str, owner: str = "") -> Slot:
-        return Slot(self, model, owner)
+        return Slot(self, model, next(self._arrivals), owner)
+
+    def pause(self) -> None:
+        """Admit nobody (upstream is unreachable): newcomers queue even where there is room."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Admit again, in arrival order, as many waiting requests as fit."""
+        self._paused = False
+        self._dispatch()
+
+    def fail_waiting(self, error: Callable[[], ProxyError]) -> int:
+        """End every wait with a fresh `error()` (the outage grace ran out); returns how many."""
+        waiters, self._waiters = list(self._waiters), {}
+        failed = 0
+        for slot in waiters:
+            future = slot._future
+            if future is not None and not future.done():  # else its task was cancelled already
+                future.set_exception(error())
+                failed += 1
+        self._arm()
+        return failed
 
     def configure(self, limits: LimitsConfig, max_queued_per_owner: int = 0) -> None:
         """Apply new limits at once: waiting requests keep their place and arrival time.
@@ -164,7 +205,7 @@ class Admission:
         slot.admitted_at = asyncio.get_running_loop().time()
 
     async def _acquire(self, slot: Slot) -> None:
-        if self._has_room(slot.key):
+        if not self._paused and self._has_room(slot.key):
             self._take(slot)
             return
         limits = self._limits
@@ -182,11 +223,23 @@ class Admission:
                     f"access.max_queued_per_key={self._per_owner}; wait for them to finish",
                     retry_after=self.retry_after(slot.key),
                 )
-        loop = asyncio.get_running_loop()
-        slot._future = loop.create_future()
+        slot._future = asyncio.get_running_loop().create_future()
         self._waiters[slot] = None
-        if self._deadline is None:
-            self._arm()
+        await self._wait(slot)
+
+    async def _requeue(self, slot: Slot) -> None:
+        assert slot.admitted_at is not None, "only a held slot goes back to the queue"
+        self._give_back(slot)
+        slot._future = asyncio.get_running_loop().create_future()
+        # Back to its arrival place: a rebuild, but only in an outage, and O(queue).
+        self._waiters = dict.fromkeys(sorted((*self._waiters, slot), key=lambda waiter: waiter._order))
+        self._dispatch()  # when not paused, it may be granted again at once: then the wait ends at once
+        await self._wait(slot)
+
+    async def _wait(self, slot: Slot) -> None:
+        """Wait, queued with a future, until `_dispatch` grants the slot."""
+        assert slot._future is not None
+        self._arm()
         try:
             await slot._future
         except BaseException:
@@ -204,19 +257,22 @@ class Admission:
     def _release(self, slot: Slot) -> None:
         if slot.admitted_at is None:
             return
-        loop = asyncio.get_running_loop()
-        hold = loop.time() - slot.admitted_at
+        hold = asyncio.get_running_loop().time() - slot.admitted_at
         self._avg_hold = hold if self._avg_hold is None else 0.8 * self._avg_hold + 0.2 * hold
+        self._give_back(slot)
+        self._dispatch()
+
+    def _give_back(self, slot: Slot) -> None:
+        """Uncount a held slot (without dispatching: the caller decides when)."""
         slot.admitted_at = None
         del self._holding[slot]
         self._running[slot.key] -= 1
         if not self._running[slot.key]:
             del self._running[slot.key]
-        self._dispatch()
 
     def _dispatch(self) -> None:
         """Admit, in arrival order, every waiter that fits now."""
-        if not self._waiters:
+        if not self._waiters or self._paused:
             return
         admitted: list[Slot] = []
         gone: list[Slot] = []

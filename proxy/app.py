@@ -23,6 +23,7 @@ from .body import defer_expect
 from .classify import canonical_model
 from .config import Config, ConfigError, config_warnings, format_duration, load_config
 from .handler import handle
+from .health import UpstreamHealth
 from .metrics import Metrics
 from .state import STATE, ProxyState
 from .text import counted
@@ -59,11 +60,24 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         await state.session.close()
 
 
+async def _health_probes(app: web.Application) -> AsyncIterator[None]:
+    """The upstream probe runs while the listen app does, over its session (closed after it)."""
+    state = app[STATE]
+    assert state.session is not None, "the client session's cleanup_ctx comes first"
+    task = asyncio.create_task(state.health.run(state.session), name="upstream health probe")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def build_proxy_app(state: ProxyState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.router.add_route("*", "/{path:.*}", handle, expect_handler=defer_expect)
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_health_probes)
     return app
 
 
@@ -78,10 +92,14 @@ class Server:
     """Both listeners, started and stopped together."""
 
     def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
-        metrics = Metrics(canonical_model(name) for name in config.limits.models)
         admission = Admission(config.limits, config.access.max_queued_per_key)
+        health = UpstreamHealth(config.health, config.upstream.url, admission)
+        metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
         metrics.watch(admission)
-        self.state = ProxyState(config=config, admission=admission, metrics=metrics, reload=self.reload)
+        metrics.watch_upstream(lambda: health.up)
+        self.state = ProxyState(
+            config=config, admission=admission, metrics=metrics, health=health, reload=self.reload
+        )
         self._config_path = config_path
         self._proxy = web.AppRunner(
             build_proxy_app(self.state),
@@ -183,6 +201,7 @@ class Server:
         self.state.config = new
         logs.reapply(new.log)
         self.state.admission.configure(new.limits, new.access.max_queued_per_key)
+        self.state.health.configure(new.health, new.upstream.url)
         self.state.metrics.configure(new.limits.models)
         self.connections.resize(new.max_connections)  # follows limits.max_queue unless set
         self.state.metrics.reloads.labels("success").inc()

@@ -30,6 +30,7 @@ __all__ = [
     "AdminConfig",
     "Config",
     "ConfigError",
+    "HealthConfig",
     "HeartbeatConfig",
     "LimitsConfig",
     "ListenConfig",
@@ -130,6 +131,18 @@ class HeartbeatConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """How the proxy watches upstream, and how long waiting requests wait out an outage (seconds)."""
+
+    #: Period of the background probe (/api/version, /api/tags).
+    interval: float = 5.0
+    #: One probe's bound: a probe that takes longer counts as upstream down.
+    timeout: float = 2.0
+    #: While upstream is unreachable, waiting requests keep their place this long; then 503.
+    outage_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class RequestConfig:
     """How request bodies and headers are bounded, and where large bodies wait."""
 
@@ -197,6 +210,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     shutdown_grace: float = 30.0
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def max_connections(self) -> int:
@@ -726,6 +740,14 @@ _CONFIG = _section(
             },
         ),
         "shutdown_grace": _duration(allow_zero=True),
+        "health": _section(
+            HealthConfig,
+            {
+                "interval": _duration(allow_zero=False),
+                "timeout": _duration(allow_zero=False),
+                "outage_grace": _duration(allow_zero=True),
+            },
+        ),
     },
 )
 
@@ -937,6 +959,12 @@ def _describe_origins(origins: tuple[str, ...]) -> str:
     return ", ".join(ollamas if origin == "default" else origin for origin in origins)
 
 
+def _describe_grace(grace: float) -> str:
+    if not grace:
+        return "0s (no waiting: 502 when upstream cannot be reached, 503 while it is down)"
+    return f"{format_duration(grace)} (waiting requests wait for an unreachable upstream, then 503)"
+
+
 def summary(config: Config) -> str:
     """The effective limits, one per line and labelled by YAML path, so what
     `check-config` prints can be matched against the file at a glance."""
@@ -976,6 +1004,11 @@ def summary(config: Config) -> str:
         ("access.keys", _describe_keys(config.access)),
         ("access.cors_origins", _describe_origins(config.access.cors_origins)),
         ("shutdown_grace", format_duration(config.shutdown_grace)),
+        (
+            "health",
+            f"probe every {format_duration(config.health.interval)} (timeout "
+            f"{format_duration(config.health.timeout)}); outage_grace {_describe_grace(config.health.outage_grace)}",
+        ),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

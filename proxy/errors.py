@@ -38,6 +38,16 @@ class ProxyError(Exception):
         #: What the log says: the message, or a fuller account for the operator (where, which key).
         self.detail = detail or message
 
+    def body(self, *, openai: bool) -> bytes:
+        """Ollama's `{"error": "..."}`, or OpenAI's nested shape on `/v1/*`."""
+        if openai:
+            payload: object = {
+                "error": {"message": self.message, "type": self.openai_type, "code": self.reason}
+            }
+        else:
+            payload = {"error": self.message}
+        return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
+
 
 class BadRequest(ProxyError):
     status = 400
@@ -115,6 +125,34 @@ class SpoolFailed(ProxyError):
     reason = "spool_failed"
 
 
+class UpstreamDown(ProxyError):
+    """Upstream has been unreachable longer than `health.outage_grace` (or the grace is 0)."""
+
+    status = 503
+    reason = "upstream_down"
+
+
+class ModelNotFound(ProxyError):
+    """Upstream does not list the model: answered at once, exactly as Ollama itself answers."""
+
+    status = 404
+    reason = "model_not_found"
+    openai_type = "not_found_error"
+
+    def __init__(self, model: str) -> None:
+        # Ollama's routes.go: gin.H{"error": fmt.Sprintf("model '%s' not found", req.Model)}.
+        super().__init__(f"model '{model}' not found")
+
+    def body(self, *, openai: bool) -> bytes:
+        # Byte for byte what Ollama sends: gin's compact JSON on /api/*; on /v1/* its OpenAI
+        # layer (middleware/openai.go, openai.NewError) with null param and code, and the
+        # newline of Go's json.Encoder.
+        if openai:
+            error = {"message": self.message, "type": self.openai_type, "param": None, "code": None}
+            return _go_json({"error": error}) + b"\n"
+        return _go_json({"error": self.message})
+
+
 class UpstreamError(ProxyError):
     """Upstream failed; `kind` labels `ollama_proxy_upstream_errors_total`."""
 
@@ -160,11 +198,13 @@ class UpstreamEncoded(UpstreamError):
 
 def error_body(err: ProxyError, *, openai: bool) -> bytes:
     """Ollama's `{"error": "..."}`, or OpenAI's nested shape on `/v1/*`."""
-    if openai:
-        payload: object = {"error": {"message": err.message, "type": err.openai_type, "code": err.reason}}
-    else:
-        payload = {"error": err.message}
-    return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
+    return err.body(openai=openai)
+
+
+def _go_json(value: object) -> bytes:
+    """Compact JSON with UTF-8 as is, as Go's encoder writes it (which also escapes <, > and &
+    as \\u003c...: the same JSON, left out so the simulator's bytes match)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def error_response(err: ProxyError, *, openai: bool, cors: Iterable[tuple[str, str]] = ()) -> web.Response:

@@ -32,6 +32,8 @@ from .errors import (
     ShuttingDown,
     TooLarge,
     UpstreamError,
+    UpstreamReset,
+    UpstreamUnreachable,
     error_response,
 )
 from .exchange import CLIENT_GONE, Exchange
@@ -94,6 +96,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             ex.status = await _relay(state, config, request, path, body, reply)
             return await _finish(reply, ex)
 
+        state.health.refuse_newcomer()
+        await state.health.check_model(job.model, ex.started)
         beats = job.wire is not Wire.JSON or config.heartbeat.non_streaming
         reply = Reply(
             request,
@@ -109,12 +113,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         try:
             async with reply.keepalive(lambda: _note(slot)):
                 async with slot:
-                    ex.phase = "running"
-                    ex.waited = slot.waited
-                    reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
-                    state.metrics.queue_wait.labels(state.metrics.model_label(ex.model)).observe(slot.waited)
                     streaming = job.wire is not Wire.JSON
-                    ex.status = await _relay(state, config, request, path, body, reply, ex, streaming)
+                    ex.status = await _generate(
+                        state, config, request, path, body, reply, ex, slot, streaming
+                    )
         finally:
             if ex.waited is None:  # never admitted: the wait ended some other way
                 reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
@@ -182,6 +184,44 @@ async def _read_body(request: web.Request, config: Config) -> Body:
             f"the request body did not arrive within request.body_timeout={format_duration(deadline)}; "
             "send the whole body at once"
         ) from None
+
+
+async def _generate(
+    state: ProxyState,
+    config: Config,
+    request: web.Request,
+    path: str,
+    body: Body,
+    reply: Reply,
+    ex: Exchange,
+    slot: Slot,
+    streaming: bool,
+) -> int:
+    """Relay an admitted generation. One that could not connect (upstream never received
+    it) goes back to its place in the queue while upstream is down, within the outage grace."""
+    while True:
+        ex.phase, ex.waited = "running", slot.waited
+        reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
+        requeued = False
+        try:
+            return await _relay(state, config, request, path, body, reply, ex, streaming)
+        except UpstreamUnreachable as err:
+            if not state.health.keep_waiting(err.detail):
+                raise
+            requeued = True
+            state.metrics.upstream_errors.labels(err.kind).inc()
+            log.warning(
+                "upstream unreachable, request keeps its place: %s %s model=%s: %s",
+                ex.method, clip(ex.path), clip(ex.model), clip(err.detail),
+            )  # fmt: skip
+        except UpstreamReset:
+            state.health.suspect()
+            raise
+        finally:
+            if not requeued:
+                state.metrics.queue_wait.labels(state.metrics.model_label(ex.model)).observe(slot.waited)
+        ex.phase, ex.waited = "queued", None
+        await slot.requeue()
 
 
 async def _relay(

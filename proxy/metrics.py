@@ -9,7 +9,7 @@ through a missed decrement.
 from __future__ import annotations
 
 from collections import Counter as CounterType
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -30,13 +30,11 @@ RATE_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500)
 TOKEN_KINDS = ("prompt", "completion")
 #: Longer names (real ones are far shorter) count as "other": a label is bounded in size too.
 MAX_MODEL_LABEL = 200
-#: Distinct model names a client can create as labels before the rest become "other".
-EXTRA_MODEL_LABELS = 50
 
 REJECT_REASONS = (
     "queue_full", "queue_timeout", "bad_request", "too_large",
     "body_timeout", "unauthorized", "forbidden", "key_queue_full", "draining",
-    "spool_failed",
+    "spool_failed", "upstream_down", "model_not_found",
 )  # fmt: skip
 DISCONNECT_PHASES = ("queued", "running")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "status")
@@ -63,25 +61,32 @@ class ConnectionCounts(Protocol):
 
 
 class ModelLabels:
-    """Bound the `model` label: configured models, then the first 50 others, then "other"."""
+    """Bound the `model` label: a model has its own only when the config names it or upstream
+    lists it; every other name is "other".
 
-    def __init__(self, configured: Iterable[str], extra: int = EXTRA_MODEL_LABELS) -> None:
+    So the label set is the operator's (config, `ollama pull`), never a client's: junk
+    names cannot use up labels that real models need. A listed model keeps its label
+    after upstream drops it, so its series do not vanish mid-graph.
+    """
+
+    def __init__(
+        self, configured: Iterable[str], listed: Callable[[str], bool] = lambda model: False
+    ) -> None:
         self.configured = frozenset(configured)
+        self._listed = listed
         self._seen: set[str] = set()
-        self._extra = extra
         self._overflowed = False
 
     def configure(self, models: Iterable[str]) -> None:
         """Add models named by a reloaded config; a label once handed out stays valid."""
         self.configured |= frozenset(models)
-        self._seen -= self.configured  # a model now configured no longer takes one of the extra places
+        self._seen -= self.configured
 
     def __call__(self, model: str) -> str:
         if not model or model in self.configured or model in self._seen:
             return model
-        if len(model) > MAX_MODEL_LABEL:
-            return "other"  # one long name would be copied into every per-model series
-        if len(self._seen) < self._extra:
+        # A length bound too: one long name would be copied into every per-model series.
+        if len(model) <= MAX_MODEL_LABEL and self._listed(model):
             self._seen.add(model)
             return model
         self._overflowed = True
@@ -95,9 +100,12 @@ class ModelLabels:
 class Metrics:
     """The proxy's metrics, in a registry of their own (so tests can run many proxies)."""
 
-    def __init__(self, configured_models: Iterable[str]) -> None:
+    def __init__(
+        self, configured_models: Iterable[str], listed: Callable[[str], bool] = lambda model: False
+    ) -> None:
+        """`listed` says whether upstream lists a (canonical) model name, for its label."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self.model_label = ModelLabels(configured_models)
+        self.model_label = ModelLabels(configured_models, listed)
         r = self.registry
         self.requests = Counter(
             "ollama_proxy_requests", "Requests answered, by endpoint, model and HTTP status "
@@ -206,6 +214,10 @@ class Metrics:
         """Publish the listen port's connection counts, read at every scrape."""
         self.registry.register(_ConnectionCollector(connections))
 
+    def watch_upstream(self, up: Callable[[], bool | None]) -> None:
+        """Publish whether upstream answers its probes, read at every scrape."""
+        self.registry.register(_UpstreamCollector(up))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -259,6 +271,21 @@ class _QueueCollector:
             "ollama_proxy_oldest_wait_seconds", "How long the request at the head of the queue has waited",
             value=self._queue.oldest_wait(),
         )  # fmt: skip
+
+
+class _UpstreamCollector:
+    def __init__(self, up: Callable[[], bool | None]) -> None:
+        self._up = up
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "ollama_proxy_upstream_up",
+            "1 while upstream answers its health probes (or has not been probed yet), 0 during an outage",
+            value=0 if self._up() is False else 1,
+        )
 
 
 class _ConnectionCollector:

@@ -71,7 +71,8 @@ def snapshot(admission: Admission, draining: bool, now: float) -> dict[str, Any]
 async def queue(request: web.Request) -> web.Response:
     state = request.app[STATE]
     now = asyncio.get_running_loop().time()
-    return web.json_response(snapshot(state.admission, state.draining, now), headers=_NO_STORE)
+    view = {**snapshot(state.admission, state.draining, now), "upstream": state.health.view()}
+    return web.json_response(view, headers=_NO_STORE)
 
 
 async def status(request: web.Request) -> web.Response:

@@ -424,7 +424,7 @@ class Simulator:
         self._changed()
         if not self._known(model):
             # Ollama checks the model exists before it loads anything, so this is immediate.
-            await reply.error(404, f'model "{model}" not found, try pulling it first', openai)
+            await reply.error(404, f"model '{model}' not found", openai, "not_found_error")
             return
 
         await asyncio.sleep(knobs.load_delay)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .config import Config
+from .health import UpstreamHealth
 from .metrics import Metrics
 
 
@@ -22,6 +23,8 @@ class ProxyState:
     config: Config
     admission: Admission
     metrics: Metrics
+    #: Upstream up or down, and the models it lists.
+    health: UpstreamHealth
     session: aiohttp.ClientSession | None = None
     #: New requests are refused (503) while admitted and queued ones finish.
     draining: bool = False

@@ -28,6 +28,8 @@ from typing import Any
 from proxy.simulator import GARBAGE, GenRecord, Simulator
 
 MODELS = ("llama3.2", "big", "small")
+#: A model upstream does not list: Ollama's 404 at once, never a place in the queue.
+UNKNOWN_MODEL = "ghost"
 UPSTREAM_FAULTS = ("die", "hang_headers", "hang_body", "status", "garbage", "garbage_body")
 PATHS = {
     "generate": "/api/generate",
@@ -190,10 +192,13 @@ def _spec(rng: random.Random, n: int) -> Spec:
     vanish = None
     if kind in ("generate", "chat", "openai") and rng.random() < 0.3:
         vanish = rng.choice(("partial_body", "early", "upstream", "token" if stream else "upstream"))
+    model = rng.choices(MODELS, (60, 25, 15))[0]
+    if kind in ("generate", "chat", "openai") and vanish is None and rng.random() < 0.06:
+        model = UNKNOWN_MODEL
     return Spec(
         n=n,
         kind=kind,
-        model=rng.choices(MODELS, (60, 25, 15))[0],
+        model=model,
         stream=stream,
         vanish=vanish,
         rst=rng.random() < 0.5,
@@ -391,6 +396,10 @@ def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: floa
         if result.status == 400 and _error_shape(result.body, spec.openai):
             return Verdict("error:400")
         return Verdict("wrong", f"a body that is not JSON must get a 400 with an error: {_seen(result)}")
+    if spec.model == UNKNOWN_MODEL and spec.kind != "bad" and not (after_drain and result.status == 503):
+        return _judge_unknown_model(result, records)
+    if _lost_in_outage(result):
+        return Verdict("lost_in_outage", f"failed for a connection upstream never received: {_seen(result)}")
     if result.status >= 400:
         return _judge_status(result, records)
     if result.status != 200:
@@ -412,6 +421,27 @@ def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: floa
                 verdict.outcome, f"upstream completed, the client got {verdict.outcome}: {_seen(result)}"
             )
     return verdict
+
+
+def _judge_unknown_model(result: Call, records: list[GenRecord]) -> Verdict:
+    """Ollama's own 404, byte for byte, at once: upstream never sees the request."""
+    if records:
+        return Verdict("error:404", f"a model upstream does not list reached upstream: {_seen(result)}")
+    message = f"model '{UNKNOWN_MODEL}' not found"
+    if result.spec.openai:
+        error = {"message": message, "type": "not_found_error", "param": None, "code": None}
+        expected = json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n"
+    else:
+        expected = json.dumps({"error": message}, separators=(",", ":")).encode()
+    if (result.status, result.body) != (404, expected):
+        return Verdict("wrong", f"an unknown model must get Ollama's 404 {expected!r}: {_seen(result)}")
+    return Verdict("error:404")
+
+
+def _lost_in_outage(result: Call) -> bool:
+    """A generation failed because upstream could not be reached: it should have kept its place
+    (every outage in a plan is far shorter than health.outage_grace)."""
+    return result.spec.kind in ("generate", "chat", "openai") and b"cannot reach upstream" in result.body
 
 
 def _judge_cut(result: Call, records: list[GenRecord]) -> Verdict:

@@ -26,6 +26,7 @@ from proxy import access
 from proxy.access import Keys, authenticate, canonical_path, check_admin, is_admin_endpoint
 from proxy.config import AccessConfig
 from proxy.errors import BadRequest, Forbidden, Unauthorized, error_response
+from proxy.health import PROBE_USER_AGENT
 
 from .conftest import eventually, sample, scrape, serving
 
@@ -310,7 +311,8 @@ async def recorder() -> AsyncIterator[Recorder]:
     rec = Recorder()
 
     async def record(request: web.Request) -> web.Response:
-        rec.seen.append((request.method, request.raw_path, dict(request.headers)))
+        if request.headers.get("User-Agent") != PROBE_USER_AGENT:  # the proxy's own health probes
+            rec.seen.append((request.method, request.raw_path, dict(request.headers)))
         return web.json_response({"status": "success"})
 
     app = web.Application()

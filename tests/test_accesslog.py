@@ -427,11 +427,9 @@ async def test_bad_request_and_too_large_lines(make_proxy, http, captured) -> No
     assert_no_secrets(captured)
 
 
-async def test_upstream_error_line(make_proxy, http, captured) -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    proxy = await make_proxy(upstream=f"http://127.0.0.1:{port}")
+async def test_upstream_error_line(sim, make_proxy, http, captured) -> None:
+    sim.fault = "garbage"  # not HTTP: an upstream error (a dead upstream would be waited for)
+    proxy = await make_proxy()
     async with http.post(proxy.listen_url + "/api/chat", json=chat(stream=False), headers=AUTH) as resp:
         assert resp.status == 502
         body = await resp.read()
@@ -484,11 +482,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def test_warning_level_json_gives_only_json_warnings(http, tmp_path) -> None:
-    listen, admin, upstream = free_port(), free_port(), free_port()
+async def test_warning_level_json_gives_only_json_warnings(sim, http, tmp_path) -> None:
+    listen, admin = free_port(), free_port()
+    sim.fault = "garbage"  # not HTTP: the request is an upstream error, a WARNING
     config = write_config(
         tmp_path / "config.yaml",
-        f"http://127.0.0.1:{upstream}",  # nothing listens: the request is an upstream error, a WARNING
+        sim.url,
         listen={"port": listen},
         admin={"port": admin},
         log={"format": "json", "level": "warning"},
@@ -519,4 +518,4 @@ async def test_warning_level_json_gives_only_json_warnings(http, tmp_path) -> No
     assert {e["level"] for e in entries} <= {"WARNING", "ERROR"}  # not serving, access, draining, stopped
     upstream = [e for e in entries if e["logger"] == "proxy.handler"]
     assert len(upstream) == 1 and upstream[0]["level"] == "WARNING"
-    assert upstream[0]["message"].startswith("upstream error (connect): POST /api/chat: ")
+    assert upstream[0]["message"].startswith("upstream error (reset): POST /api/chat: ")

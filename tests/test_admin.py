@@ -45,18 +45,26 @@ async def test_every_contract_metric_is_exposed_with_its_type(sim, make_proxy, h
     ) == 1  # fmt: skip
 
 
-async def test_model_label_is_bounded(sim, make_proxy, http):
-    proxy = await make_proxy(limits={"models": {"big": 1}})
-    for i in range(60):
+async def test_model_label_only_for_configured_or_listed_models(sim, make_proxy, http):
+    """55 junk names (issue 8) once used up the label budget, and real models became "other"
+    for good. Now only the config and upstream's list give a model its own label."""
+    proxy = await make_proxy(limits={"models": {"gpt-oss:120b": 1}})
+    for i in range(55):
         async with http.post(proxy.listen_url + "/api/generate", json={"model": f"m{i}"}) as resp:
             assert resp.status == 404
+    for model in ("llama3.2", "small"):
+        async with http.post(proxy.listen_url + "/api/generate", json={"model": model}) as resp:
+            assert resp.status == 200
+            await resp.read()
     metrics = await scrape(http, proxy)
     models = {dict(labels)["model"] for (name, labels) in metrics if name == "ollama_proxy_requests_total"}
-    assert len(models) == 51 and "other" in models and "m0:latest" in models
+    assert models == {"other", "llama3.2:latest", "small:latest"}
     assert (
         sample(metrics, "ollama_proxy_requests_total", endpoint="/api/generate", model="other", code="404")
-        == 10
+        == 55
     )
+    depth = {dict(labels)["model"] for (name, labels) in metrics if name == "ollama_proxy_queue_depth"}
+    assert depth == {"gpt-oss:120b", "other", "llama3.2:latest", "small:latest"}
 
 
 async def test_listen_port_serves_none_of_the_admin_paths(sim, make_proxy, http):

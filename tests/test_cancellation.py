@@ -122,11 +122,15 @@ async def proxy_process(sim, tmp_path):
     config.write_text(
         json.dumps(
             proxy_config(
-                sim.url, limits={"max_concurrent": 3, "max_queue": 200}, heartbeat={"interval": "100ms"}
+                sim.url,
+                limits={"max_concurrent": 3, "max_queue": 200},
+                heartbeat={"interval": "100ms"},
+                health={"interval": "1h"},  # no probe's own connection in the fd counts below
             )
         )
     )
     async with running_proxy(config) as started:
+        await started.log_line(r"upstream models: ")  # the first probe and model read are done
         yield started
 
 

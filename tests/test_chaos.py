@@ -212,6 +212,8 @@ def config_for(plan: Plan, upstream: str, limit: int, caps: dict[str, int]) -> d
         heartbeat={"interval": s.interval, "non_streaming": s.non_streaming},
         # Relative: found beside the config file, in the test's own directory.
         request={"max_body": MAX_BODY, "spool_above": SPOOL_ABOVE, "spool_dir": SPOOL_DIR},
+        # Probes often, so an outage ends soon after upstream is back; a grace far past any outage.
+        health={"interval": 0.2, "timeout": 1.0, "outage_grace": 60},
         shutdown_grace=GRACE,
     )
 
@@ -220,6 +222,7 @@ def config_for(plan: Plan, upstream: str, limit: int, caps: dict[str, int]) -> d
 async def target_for(plan: Plan, path: Path, sim: Simulator) -> AsyncIterator[Target]:
     if plan.mode == "process":
         async with running_proxy(path) as started:
+            await started.log_line(r"upstream models: ")  # idle fds are counted without a probe's
             yield Process(started, path)
         return
     trouble = _Trouble()
@@ -228,6 +231,7 @@ async def target_for(plan: Plan, path: Path, sim: Simulator) -> AsyncIterator[Ta
     server = Server(load_config(path), path)
     await server.start()
     try:
+        await eventually(lambda: server.state.health.models is not None, timeout=10)
         yield InProcess(server, path, int(sim.url.rsplit(":", 1)[1]), base, trouble.lines)
     finally:
         logging.getLogger().removeHandler(trouble)

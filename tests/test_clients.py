@@ -25,7 +25,7 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 #: Keep-alive frames a queued request must have been sent before its slot is freed.
 FRAMES = 4
 QUEUE_FULL = "queue full: 0 requests waiting, max_queue=0; retry later, or raise limits.max_queue"
-NOT_FOUND = 'model "nope" not found, try pulling it first'
+NOT_FOUND = "model 'nope' not found"
 
 
 @pytest.fixture
@@ -313,22 +313,28 @@ async def test_unknown_model_is_the_clients_normal_404(sim, make_proxy, http):
     assert all(e.status_code == 404 and e.body["message"] == NOT_FOUND for e in proxied_oa)
 
 
-async def test_unknown_model_after_keepalive_raises_in_streaming_clients(sim, proxy, http):
-    """Once a keep-alive 200 is out the 404 goes in-band: streaming clients still raise."""
-    async with ollama_client(proxy.listen_url) as client:
-        with pytest.raises(ollama.ResponseError) as info:
-            await queued(sim, http, proxy, lambda: collect(client.chat("nope", MESSAGES, stream=True)))
-    assert info.value.error == f"upstream answered 404: {NOT_FOUND}"
+async def test_unknown_model_is_a_404_at_once_even_behind_a_busy_queue(sim, proxy, http):
+    """Upstream does not list the model: the client's normal 404 at once, never a keep-alive
+    200 and an in-band error (which streaming clients could not tell from a broken stream)."""
+    holder = await hold_slot(sim, http, proxy)
+    try:
+        # The slot stays held for a minute: queued, either call would run out its 5 s.
+        async with ollama_client(proxy.listen_url) as client:
+            with pytest.raises(ollama.ResponseError) as info:
+                await asyncio.wait_for(collect(client.chat("nope", MESSAGES, stream=True)), timeout=5)
+        assert (info.value.status_code, info.value.error) == (404, NOT_FOUND)
 
-    async def stream(client: openai.AsyncOpenAI) -> list[Any]:
-        chunks = await client.chat.completions.create(model="nope", messages=MESSAGES, stream=True)
-        return [chunk async for chunk in chunks]
+        async def stream(client: openai.AsyncOpenAI) -> list[Any]:
+            chunks = await client.chat.completions.create(model="nope", messages=MESSAGES, stream=True)
+            return [chunk async for chunk in chunks]
 
-    async with openai_client(proxy.listen_url) as client:
-        with pytest.raises(openai.APIError) as oa:
-            await queued(sim, http, proxy, lambda: stream(client))
-    assert oa.value.message == f"upstream answered 404: {NOT_FOUND}"
-    assert oa.value.body == {"message": oa.value.message, "type": "server_error", "code": "upstream_error"}
+        async with openai_client(proxy.listen_url) as client:
+            with pytest.raises(openai.NotFoundError) as oa:
+                await asyncio.wait_for(stream(client), timeout=5)
+        assert oa.value.body == {"message": NOT_FOUND, "type": "not_found_error", "param": None, "code": None}
+        assert [r.model for r in sim.records] == ["llama3.2"]  # only the holder reached upstream
+    finally:
+        await release(holder)
 
 
 async def test_non_streaming_failure_after_keepalive_raises_in_both_clients(sim, make_proxy, http):

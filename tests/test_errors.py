@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from .conftest import sample, scrape
+from .conftest import eventually, sample, scrape
 
 
 @pytest.mark.parametrize(
@@ -72,12 +72,11 @@ def _closed_port() -> int:
 
 
 async def test_unreachable_upstream_gets_502(make_proxy, http, caplog):
-    """The client learns what failed, not where upstream lives: that and the advice are the log's."""
+    """Relayed at once: the 502, which says what failed, not where upstream lives (that and the
+    advice are the log's). A generation, once the proxy knows upstream is down (and with no
+    outage grace to wait in): the 503 with Retry-After; see test_outage for the waiting."""
     upstream = f"http://127.0.0.1:{_closed_port()}"
-    proxy = await make_proxy(upstream=upstream)
-    async with http.post(proxy.listen_url + "/api/generate", json={"model": "m"}) as resp:
-        assert resp.status == 502
-        assert await resp.read() == b'{"error":"upstream is unreachable; retry later"}'
+    proxy = await make_proxy(upstream=upstream, health={"outage_grace": "0s", "interval": "30s"})
     async with http.get(proxy.listen_url + "/v1/models") as resp:
         assert resp.status == 502
         assert await resp.json() == {
@@ -87,12 +86,18 @@ async def test_unreachable_upstream_gets_502(make_proxy, http, caplog):
                 "code": "upstream_error",
             }
         }
-    metrics = await scrape(http, proxy)
-    assert sample(metrics, "ollama_proxy_upstream_errors_total", kind="connect") == 2
     logged = [r.getMessage() for r in caplog.records if r.name == "proxy.handler"]
-    assert len(logged) == 2
-    assert all(f"cannot reach upstream {upstream}: " in line for line in logged)
-    assert all(line.endswith("; is Ollama running there? (upstream.url)") for line in logged)
+    assert len(logged) == 1
+    assert f"cannot reach upstream {upstream}: " in logged[0]
+    assert logged[0].endswith("; is Ollama running there? (upstream.url)")
+    await eventually(lambda: proxy.state.health.up is False, timeout=10)
+    async with http.post(proxy.listen_url + "/api/generate", json={"model": "m"}) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "30"
+        assert "upstream (Ollama) has been unreachable" in (await resp.json())["error"]
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_upstream_errors_total", kind="connect") == 1
+    assert sample(metrics, "ollama_proxy_rejected_total", reason="upstream_down") == 1
+    assert sample(metrics, "ollama_proxy_upstream_up") == 0
 
 
 @pytest.mark.parametrize(

@@ -207,8 +207,9 @@ async def test_queue_timeout_after_keepalive_is_an_inband_error(sim, make_proxy,
 async def test_upstream_error_status_after_keepalive_is_reported_inband(sim, make_proxy, http):
     proxy = await make_proxy(limits={"max_concurrent": 1}, heartbeat={"interval": "100ms"})
     holder = await hold_the_slot(sim, http, proxy)
+    sim.fault, sim.fault_status = "status", 404  # for the request below, not the holder
     asyncio.get_running_loop().call_later(0.35, holder.cancel)
-    body = {"model": "nope", "messages": [], "stream": True}
+    body = {"model": "llama3.2", "messages": [], "stream": True}
     async with http.post(proxy.listen_url + "/v1/chat/completions", json=body) as resp:
         data = await resp.read()
     await release(holder)
@@ -216,7 +217,7 @@ async def test_upstream_error_status_after_keepalive_is_reported_inband(sim, mak
     events = data.split(b"\n\n")
     assert events[-1] == b""
     error = json.loads(events[-2].removeprefix(b"data: "))["error"]
-    assert error["message"].startswith("upstream answered 404: model")
+    assert error["message"] == "upstream answered 404: simulated failure"
     assert error["code"] == "upstream_error"
 
 

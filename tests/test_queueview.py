@@ -46,6 +46,7 @@ def enqueue(http: aiohttp.ClientSession, proxy: Server, path: str, body: dict) -
 
 
 async def test_queue_shows_positions_ages_and_caps(sim, make_proxy, http):
+    sim.models.add("gpt-oss:120b")  # upstream must list a model for it to queue
     proxy = await make_proxy(limits={"max_concurrent": 1, "models": {"gpt-oss:120b": 1, "Idle-Model": 2}})
     holder = await hold_the_slot(sim, http, proxy)
     loop = asyncio.get_running_loop()
@@ -108,6 +109,7 @@ async def test_queue_shows_positions_ages_and_caps(sim, make_proxy, http):
 
 
 async def test_sse_keepalive_names_the_position_the_queue_shows(sim, make_proxy, http):
+    sim.models.add("sse-model")
     proxy = await make_proxy(limits={"max_concurrent": 1}, heartbeat={"interval": "100ms"})
     holder = await hold_the_slot(sim, http, proxy)
     ahead = [enqueue(http, proxy, "/api/generate", {"model": "llama3.2", "prompt": "p"})]

@@ -215,7 +215,7 @@ async def test_official_ollama_client_accepts_the_wire_format(sim: Simulator) ->
         with pytest.raises(ollama.ResponseError) as caught:
             await client.generate(model="missing", prompt="hi")
         assert caught.value.status_code == 404
-        assert caught.value.error == 'model "missing" not found, try pulling it first'
+        assert caught.value.error == "model 'missing' not found"
     finally:
         await client.close()
 
@@ -257,7 +257,7 @@ async def test_official_openai_client_accepts_the_wire_format(sim: Simulator) ->
 
         with pytest.raises(openai.NotFoundError) as caught:
             await client.chat.completions.create(model="missing", messages=messages)
-        assert caught.value.body["message"] == 'model "missing" not found, try pulling it first'
+        assert caught.value.body["message"] == "model 'missing' not found"
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ async def test_official_openai_client_accepts_the_wire_format(sim: Simulator) ->
 async def test_unknown_model_on_native_paths_is_ollamas_404(sim: Simulator, http, path: str) -> None:
     status, ctype, body = await fetch(http, sim.url + path, {"model": "nope", "prompt": "x", "input": "x"})
     assert (status, ctype) == (404, "application/json; charset=utf-8")
-    assert json.loads(body) == {"error": 'model "nope" not found, try pulling it first'}
+    assert json.loads(body) == {"error": "model 'nope' not found"}
 
 
 @pytest.mark.parametrize(
@@ -278,8 +278,8 @@ async def test_unknown_model_on_openai_paths_is_openai_shaped(sim: Simulator, ht
     assert status == 404
     assert json.loads(body) == {
         "error": {
-            "message": 'model "nope" not found, try pulling it first',
-            "type": "api_error",
+            "message": "model 'nope' not found",
+            "type": "not_found_error",
             "param": None,
             "code": None,
         }

@@ -100,6 +100,7 @@ async def render(chromium: str, url: str, *args: str) -> str:
 
 
 async def test_page_draws_the_queue_it_fetches(sim, make_proxy, http, chromium, tmp_path):
+    sim.models.add(HOSTILE_MODEL)  # upstream must list a model for it to queue
     proxy = await make_proxy(limits={"max_concurrent": 2, "models": {"big": 1, "idle": 3}})
     held = [await hold_the_slot(sim, http, proxy)]
     sim.load_delay = 60

@@ -149,12 +149,17 @@ async def test_queue_limit_follows_a_reload(sim, http, tmp_path: Path):
 
 
 def test_configure_makes_a_reloaded_model_a_configured_label():
-    """After a reload adds a cap, the model's label must not fall to "other" when the extras are used up."""
-    metrics = Metrics(["big:latest"])
+    """A model gets its own label when the config names it (also after a reload) or upstream
+    lists it; no number of other names can take a label from it."""
+    listed = {"pulled:latest"}
+    metrics = Metrics(["big:latest"], listed.__contains__)
     for i in range(60):
-        metrics.model_label(f"m{i}:latest")
+        assert metrics.model_label(f"m{i}:latest") == "other"
     assert metrics.model_label("new:latest") == "other"
+    assert metrics.model_label("pulled:latest") == "pulled:latest"
     metrics.configure(["New", "big"])
     assert metrics.model_label("new:latest") == "new:latest"
     assert metrics.model_label("big:latest") == "big:latest"
-    assert metrics.model_label("m59:latest") == "other"  # the extra places stay bounded
+    listed.clear()  # upstream deleted it: its series stay rather than vanish mid-graph
+    assert metrics.model_label("pulled:latest") == "pulled:latest"
+    assert metrics.model_label.known() == {"big:latest", "new:latest", "pulled:latest", "other"}

@@ -162,7 +162,7 @@ async def test_no_grace_means_502_at_once_then_503_while_down(sim, make_proxy, h
     body = {"model": "llama3.2", "prompt": "p", "stream": False}
     async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
         assert resp.status == 502
-        assert "cannot reach upstream" in (await resp.json())["error"]
+        assert (await resp.json())["error"] == "upstream is unreachable; retry later"
     assert proxy.state.health.up is False
     async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
         assert resp.status == 503 and "Retry-After" in resp.headers

@@ -144,6 +144,7 @@ async def test_a_megabyte_model_name_is_a_short_log_line(sim, make_proxy, caplog
     upstream whole (a 1 MB name is Ollama's to refuse)."""
     caplog.set_level(logging.DEBUG)
     name = "m" * 1_000_000
+    sim.models.add(name)  # upstream must list a model for it to queue
     proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 1}, heartbeat={"interval": "10s"})
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         holder = await hold_the_slot(sim, http, proxy)
@@ -157,8 +158,9 @@ async def test_a_megabyte_model_name_is_a_short_log_line(sim, make_proxy, caplog
             await asyncio.gather(waiting, return_exceptions=True)
         finally:
             await release(holder)
+        sim.models.discard(name)
         async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
-            assert resp.status == 404  # the simulator does not know it
+            assert resp.status == 404  # upstream no longer lists it
     await asyncio.sleep(0)
     mentions = [r for r in caplog.records if "mmmmmmmmmm" in logs.TextFormatter().format(r)]
     assert len(mentions) >= 3  # access lines and the client-gone line at least

@@ -33,6 +33,7 @@ import aiohttp
 from .classify import canonical_model
 from .config import HealthConfig, format_duration
 from .errors import ModelNotFound, ProxyError, UpstreamDown
+from .logs import clip
 
 log = logging.getLogger("proxy.health")
 
@@ -270,7 +271,7 @@ class UpstreamHealth:
     def _set_models(self, models: frozenset[str] | None, sent: float) -> None:
         if models != self._models:
             shown = "unknown" if models is None else f"{len(models)} ({', '.join(sorted(models)[:20])})"
-            log.info("upstream models: %s", shown)
+            log.info("upstream models: %s", clip(shown))  # upstream's names: bounded like a client's
         self._models, self._models_at = models, sent
 
     # -- outage bookkeeping ----------------------------------------------------------

@@ -270,8 +270,11 @@ class UpstreamHealth:
 
     def _set_models(self, models: frozenset[str] | None, sent: float) -> None:
         if models != self._models:
-            shown = "unknown" if models is None else f"{len(models)} ({', '.join(sorted(models)[:20])})"
-            log.info("upstream models: %s", clip(shown))  # upstream's names: bounded like a client's
+            # Upstream's names are bounded in the log like a client's: each, and the line.
+            names = ", ".join(clip(name) for name in sorted(models)[:20]) if models is not None else ""
+            log.info(
+                "upstream models: %s", "unknown" if models is None else clip(f"{len(models)} ({names})", 1000)
+            )
         self._models, self._models_at = models, sent
 
     # -- outage bookkeeping ----------------------------------------------------------

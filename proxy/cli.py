@@ -16,10 +16,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from . import logs
-from .app import Server
-from .config import Config, ConfigError, config_warnings, load_config, summary
-from .demo import run_demo
+from proxy.config import Config, ConfigError, config_warnings, load_config, summary
+from proxy.demo import run_demo
+from proxy.observe import logs
+from proxy.server import Server
 
 PROG = "ollama-queue-proxy"
 log = logging.getLogger("proxy")

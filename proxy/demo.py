@@ -25,9 +25,9 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from .app import Server
-from .config import config_from_dict
-from .simulator import Simulator
+from proxy.config import config_from_dict
+from proxy.server import Server
+from proxy.sim.simulator import Simulator
 
 REQUESTS = 10
 MAX_CONCURRENT = 3

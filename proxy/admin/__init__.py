@@ -1,0 +1,1 @@
+"""The admin listener: metrics, health, readiness, reload, the queue page."""

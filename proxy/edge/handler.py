@@ -1,0 +1,338 @@
+"""The one path of a proxied request, top to bottom: classify, admit, relay, respond.
+
+Everything a request holds is released by the structure of this function:
+the keep-alive beat and the admission slot are `async with` blocks, and the
+relay closes its upstream response in `finally`. The server runs with
+`handler_cancellation=True`, so a client that vanishes cancels this coroutine
+wherever it is waiting, and the same unwinding frees slot and socket.
+
+What happened is written into one `Exchange` and handed to the observers
+(metrics, access log) once, in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.edge import access
+from proxy.edge.body import EMPTY, Body, receive
+from proxy.edge.reply import ClientStalled, Reply
+from proxy.errors import (
+    BadRequest,
+    BodyTimeout,
+    Draining,
+    ProxyError,
+    ShuttingDown,
+    TooLarge,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamUnreachable,
+    error_response,
+)
+from proxy.observe import accesslog
+from proxy.observe.exchange import CLIENT_GONE, Exchange
+from proxy.observe.logs import clip
+from proxy.ollama import classify, usage
+from proxy.ollama.frames import Wire
+from proxy.runtime import STATE, ProxyState
+from proxy.scheduling.admission import Slot
+from proxy.units import format_duration
+from proxy.upstream.relay import relay
+
+log = logging.getLogger("proxy.handler")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    config = state.config  # one view for the whole request, even across a reload
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    try:
+        path, refused = access.canonical_path(request.raw_path), None
+    except BadRequest as err:
+        # As sent (still escaped, so safe to log); only to shape and log the 400, never forwarded.
+        path, refused = request.raw_path.partition("?")[0], err
+    route = classify.route(request.method, path)
+    ex = Exchange(
+        method=request.method,
+        path=path,
+        client=accesslog.client_address(request, config.listen.trusted_proxies),
+        arrived=time.time(),
+        started=loop.time(),
+        endpoint=route.endpoint,
+        phase="queued" if route.queued else "running",
+    )
+    reply: Reply | None = None
+    cors: access.CorsHeaders = ()
+    body: Body = EMPTY
+    state.enter(task)
+    try:
+        cors = access.cors_headers(
+            request.headers.get("Origin"),
+            request.headers.get("Host"),
+            config.access.cors_origins,
+            preflight=request.method == "OPTIONS",
+        )
+        if cors and request.method == "OPTIONS":
+            return _preflight(ex, cors)
+        if refused is not None:
+            raise refused
+        ex.owner = access.authenticate(request.headers.get("Authorization"), config.access.keys)
+        access.check_admin(path, config.access)
+        if state.draining:
+            raise _draining(state)
+        body = await _read_body(request, config)
+        job = classify.job(route, body.read()) if route.queued else None
+        if job is not None:
+            ex.model = classify.canonical_model(job.model)
+        if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
+            ex.phase = "running"
+            reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)
+            ex.status = await _relay(state, config, request, path, body, reply)
+            return await _finish(reply, ex)
+
+        state.health.refuse_newcomer()
+        await state.health.check_model(job.model, ex.started)
+        beats = job.wire is not Wire.JSON or config.heartbeat.non_streaming
+        reply = Reply(
+            request,
+            openai=route.openai,
+            wire=job.wire,
+            model=job.model,
+            interval=config.heartbeat.interval if beats else 0.0,
+            on_frame=state.metrics.heartbeats.inc,
+            write_timeout=config.timeouts.write,
+            cors=cors,
+        )
+        slot = state.admission.slot(job.model, ex.owner)
+        try:
+            async with reply.keepalive(lambda: _note(slot)):
+                async with slot:
+                    streaming = job.wire is not Wire.JSON
+                    ex.status = await _generate(
+                        state, config, request, path, body, reply, ex, slot, streaming
+                    )
+        finally:
+            if ex.waited is None:  # never admitted: the wait ended some other way
+                reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
+        return await _finish(reply, ex)
+    except ProxyError as err:
+        ex.status, ex.outcome = err.status, _outcome(err)
+        _count_failure(state, err, ex)
+        if reply is None:
+            response = error_response(err, openai=route.openai, cors=cors)
+            ex.sent = len(response.body or b"")
+        else:
+            response = await reply.fail(err)
+        if isinstance(err, TooLarge | BodyTimeout):
+            response.force_close()  # the rest of the body is not worth reading
+        return response
+    except (asyncio.CancelledError, ConnectionResetError) as exc:
+        if state.stopping and isinstance(exc, asyncio.CancelledError) and task.uncancel() == 0:
+            return await _cut_at_shutdown(state, request, reply, route.openai, ex, cors)
+        state.metrics.disconnects.labels(ex.phase).inc()
+        if isinstance(exc, ClientStalled):
+            ex.outcome = "client_stalled"
+            log.warning(
+                "client stalled: %s %s model=%s: %s; cut off",
+                ex.method,
+                clip(ex.path),
+                clip(ex.model or "-"),
+                exc,
+            )
+        else:
+            log.info(
+                "client gone: %s %s model=%s phase=%s",
+                ex.method,
+                clip(ex.path),
+                clip(ex.model or "-"),
+                ex.phase,
+            )
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return reply.response if reply and reply.response else web.Response(status=CLIENT_GONE)
+    finally:
+        body.close()  # a spooled body's file goes on every path: done, refused, client gone, shutdown
+        state.leave(task)
+        ex.duration = loop.time() - ex.started
+        ex.sent = reply.sent if reply else ex.sent
+        state.metrics.observe(ex)
+        accesslog.write(ex)
+
+
+async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:
+    response = await reply.finish()
+    ex.outcome = "ok" if ex.status < 400 else "upstream_status"
+    return response
+
+
+async def _read_body(request: web.Request, config: Config) -> Body:
+    """The whole body within `request.body_timeout`, so a trickling client never reaches the queue."""
+    if not request.body_exists:
+        return EMPTY  # most relayed-at-once requests (GET /api/tags): no timer to arm
+    deadline = config.request.body_timeout
+    try:
+        async with asyncio.timeout(deadline):
+            return await receive(request, config.request)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within request.body_timeout={format_duration(deadline)}; "
+            "send the whole body at once"
+        ) from None
+
+
+async def _generate(
+    state: ProxyState,
+    config: Config,
+    request: web.Request,
+    path: str,
+    body: Body,
+    reply: Reply,
+    ex: Exchange,
+    slot: Slot,
+    streaming: bool,
+) -> int:
+    """Relay an admitted generation. One that could not connect (upstream never received
+    it) goes back to its place in the queue while upstream is down, within the outage grace."""
+    while True:
+        ex.phase, ex.waited = "running", slot.waited
+        reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
+        requeued = False
+        try:
+            return await _relay(state, config, request, path, body, reply, ex, streaming)
+        except UpstreamUnreachable as err:
+            if not state.health.keep_waiting(err.detail):
+                raise
+            requeued = True
+            state.metrics.upstream_errors.labels(err.kind).inc()
+            log.warning(
+                "upstream unreachable, request keeps its place: %s %s model=%s: %s",
+                ex.method, clip(ex.path), clip(ex.model), clip(err.detail),
+            )  # fmt: skip
+        except UpstreamReset:
+            state.health.suspect()
+            raise
+        finally:
+            if not requeued:
+                state.metrics.queue_wait.labels(state.metrics.model_label(ex.model)).observe(slot.waited)
+        ex.phase, ex.waited = "queued", None
+        await slot.requeue()
+
+
+async def _relay(
+    state: ProxyState,
+    config: Config,
+    request: web.Request,
+    path: str,
+    body: Body,
+    reply: Reply,
+    ex: Exchange | None = None,
+    streaming: bool = False,
+) -> int:
+    """Relay to upstream; for a generation (`ex` given), also note what upstream says it cost.
+
+    A non-streamed generation is silent upstream until its answer is whole, so
+    it is bounded by `timeouts.generation` in all instead of `timeouts.read`.
+    """
+    assert state.session is not None, "client session is opened in cleanup_ctx"
+    whole = ex is not None and not streaming
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=config.timeouts.connect, sock_read=None if whole else config.timeouts.read
+    )
+    meter = usage.Meter(asyncio.get_running_loop().time) if ex is not None else None
+    # Stays 0 if relay raises: any body it had relayed by then came with a success status.
+    status = 0
+    try:
+        status = await relay(
+            state.session,
+            config.upstream.url,
+            request,
+            body,
+            reply,
+            timeout,
+            meter.feed if meter else None,
+            path=path,
+            private=access.private_headers(config.access),
+            generation=config.timeouts.generation if whole else None,
+        )
+    finally:
+        if meter is not None and ex is not None:
+            _record_usage(state, ex, meter, streaming and status < 400)
+    if status >= 500:
+        state.metrics.upstream_errors.labels("status").inc()
+    return status
+
+
+def _record_usage(state: ProxyState, ex: Exchange, meter: usage.Meter, streamed: bool) -> None:
+    """Counts for the access log and the model metrics; time to first token only when streamed,
+    since a non-streamed answer arrives all at once, after the last token."""
+    found = meter.close()
+    if found is not None:
+        ex.prompt_tokens, ex.completion_tokens = found.prompt_tokens, found.completion_tokens
+    state.metrics.observe_usage(ex.model, found, meter.first_byte if streamed else None)
+
+
+async def _cut_at_shutdown(
+    state: ProxyState,
+    request: web.Request,
+    reply: Reply | None,
+    openai: bool,
+    ex: Exchange,
+    cors: access.CorsHeaders,
+) -> web.StreamResponse:
+    """The grace ran out with this request unfinished: say so, in-band if a response is out."""
+    grace = format_duration(state.config.shutdown_grace)
+    err = ShuttingDown(
+        f"the proxy is shutting down and this request did not finish within shutdown_grace={grace}; retry it",
+        retry_after=1,
+    )
+    ex.status, ex.outcome = err.status, "shutdown"
+    log.warning(
+        "cut at shutdown: %s %s model=%s phase=%s", ex.method, clip(ex.path), clip(ex.model or "-"), ex.phase
+    )
+    return await reply.fail(err) if reply else error_response(err, openai=openai, cors=cors)
+
+
+def _preflight(ex: Exchange, cors: access.CorsHeaders) -> web.Response:
+    """A browser's preflight, answered as Ollama answers it (204) and before any key is
+    asked for: browsers send no `Authorization` on a preflight."""
+    ex.status, ex.outcome = 204, "ok"
+    response = web.Response(status=204)
+    response.headers.extend(cors)
+    return response
+
+
+def _draining(state: ProxyState) -> Draining:
+    return Draining(
+        "the proxy is shutting down and takes no new requests; retry shortly",
+        retry_after=max(1, math.ceil(state.config.shutdown_grace)),
+    )
+
+
+def _note(slot: Slot) -> str:
+    place = slot.position()
+    if place is None:
+        return "running, waiting for upstream"
+    return f"queued, position {place[0]} of {place[1]}"
+
+
+def _outcome(err: ProxyError) -> str:
+    return "upstream_error" if isinstance(err, UpstreamError) else err.reason
+
+
+def _count_failure(state: ProxyState, err: ProxyError, ex: Exchange) -> None:
+    # ex.path is canonical and escaped: a client cannot split a log line with it.
+    if isinstance(err, UpstreamError):
+        state.metrics.upstream_errors.labels(err.kind).inc()
+        log.warning("upstream error (%s): %s %s: %s", err.kind, ex.method, clip(ex.path), clip(err.detail))
+    else:
+        state.metrics.rejected.labels(err.reason).inc()
+        log.info("rejected (%s): %s %s: %s", err.reason, ex.method, clip(ex.path), clip(err.detail))

@@ -1,0 +1,1 @@
+"""What happened: the exchange record, metrics, the access log and log setup."""

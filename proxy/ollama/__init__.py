@@ -1,0 +1,1 @@
+"""What Ollama's API means: model names, request classes, wire formats, token counts."""

@@ -1,0 +1,1 @@
+"""Who runs next and who counts the slots: queue, policy, capacity ledger."""

@@ -1,0 +1,1 @@
+"""The simulated Ollama, for tests, the demo and benchmarks."""

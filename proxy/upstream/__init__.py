@@ -1,0 +1,1 @@
+"""The Ollama side: relaying a request, and knowing the upstream's health."""

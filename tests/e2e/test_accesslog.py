@@ -1,0 +1,520 @@
+"""The access log and the log configuration: who the client is, one line per request, and
+`log.level`/`log.format` for every log line of the process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import json
+import logging
+import re
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from proxy.config import LogConfig
+from proxy.observe import accesslog, logs
+from proxy.observe.exchange import Exchange
+from tests.support import REPO, eventually, hold_the_slot, proxy_config, release, running_proxy
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+PROMPT = "the-secret-prompt-xyzzy"
+SECRETS = (PROMPT, "secret-123", "hunter2")
+AUTH = {"Authorization": "Bearer secret-123"}
+
+
+# --- client_address -----------------------------------------------------------
+
+
+@dataclass
+class Peer:
+    """The two things `client_address` reads of a request."""
+
+    remote: str | None
+    headers: CIMultiDict[str]
+
+
+def peer(remote: str | None, *headers: tuple[str, str]) -> Peer:
+    return Peer(remote, CIMultiDict(headers))
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (peer("127.0.0.1"), "127.0.0.1"),
+        (peer("127.0.0.1", ("CF-Connecting-IP", "203.0.113.7")), "203.0.113.7"),
+        (peer("127.0.0.5", ("CF-Connecting-IP", " 203.0.113.7 ")), "203.0.113.7"),
+        # CF-Connecting-IP wins over X-Forwarded-For.
+        (
+            peer("127.0.0.1", ("X-Forwarded-For", "198.51.100.1"), ("CF-Connecting-IP", "203.0.113.7")),
+            "203.0.113.7",
+        ),
+        # X-Forwarded-For from the right, across repeated headers: the nearest untrusted hop
+        # (what the client wrote further left is its own claim), skipping trusted proxies.
+        (peer("127.0.0.1", ("X-Forwarded-For", "198.51.100.1, 10.0.0.1")), "10.0.0.1"),
+        (
+            peer("127.0.0.1", ("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "10.0.0.1")),
+            "10.0.0.1",
+        ),
+        (peer("127.0.0.1", ("X-Forwarded-For", "203.0.113.9, 198.51.100.1, 127.0.0.2")), "198.51.100.1"),
+        # Malformed CF header: X-Forwarded-For next; both malformed: the peer.
+        (
+            peer("127.0.0.1", ("CF-Connecting-IP", "evil"), ("X-Forwarded-For", "198.51.100.1")),
+            "198.51.100.1",
+        ),
+        (
+            peer("127.0.0.1", ("CF-Connecting-IP", "1.2.3"), ("X-Forwarded-For", "198.51.100.1, unknown")),
+            "127.0.0.1",
+        ),
+        (peer("127.0.0.1", ("X-Forwarded-For", "203.0.113.7:443")), "127.0.0.1"),
+        (peer("127.0.0.1", ("X-Forwarded-For", "")), "127.0.0.1"),
+        (peer("127.0.0.1", ("CF-Connecting-IP", "fe80::1%eth0")), "127.0.0.1"),
+        (peer("127.0.0.1", ("CF-Connecting-IP", "203.0.113.7\nlevel=ERROR")), "127.0.0.1"),
+        # An untrusted peer's headers are its own claims.
+        (
+            peer("192.0.2.9", ("CF-Connecting-IP", "203.0.113.7"), ("X-Forwarded-For", "198.51.100.1")),
+            "192.0.2.9",
+        ),
+        # IPv6: trusted ::1, normalised claims, IPv4-mapped peers on a dual-stack socket.
+        (peer("::1", ("CF-Connecting-IP", "2001:DB8:0:0::1")), "2001:db8::1"),
+        (peer("::1", ("X-Forwarded-For", "2001:db8::7, 127.0.0.1")), "2001:db8::7"),
+        (peer("::ffff:127.0.0.1", ("CF-Connecting-IP", "203.0.113.7")), "203.0.113.7"),
+        (peer("2001:db8::2", ("CF-Connecting-IP", "203.0.113.7")), "2001:db8::2"),
+        (peer(None, ("CF-Connecting-IP", "203.0.113.7")), "unknown"),
+    ],
+)
+def test_client_address(request_: Peer, expected: str) -> None:
+    assert accesslog.client_address(request_, LOOPBACK) == expected
+
+
+def test_client_address_trusts_only_the_configured_networks() -> None:
+    claim = ("CF-Connecting-IP", "203.0.113.7")
+    assert accesslog.client_address(peer("127.0.0.1", claim), ()) == "127.0.0.1"
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert accesslog.client_address(peer("10.1.2.3", claim), trusted) == "203.0.113.7"
+    assert accesslog.client_address(peer("127.0.0.1", claim), trusted) == "127.0.0.1"
+
+
+# --- the line and the formatters ----------------------------------------------
+
+
+def exchange(**changes: object) -> Exchange:
+    ex = Exchange(
+        method="POST",
+        path="/api/chat",
+        client="203.0.113.7",
+        arrived=1795510862.123456,  # 2026-11-24T09:01:02.123Z
+        started=0.0,
+        endpoint="/api/chat",
+        model="llama3:latest",
+        owner="alice",
+        status=200,
+        outcome="ok",
+        waited=12.3451,
+        sent=10342,
+        prompt_tokens=26,
+        completion_tokens=301,
+        duration=98.7649,
+    )
+    for name, value in changes.items():
+        setattr(ex, name, value)
+    return ex
+
+
+def access_record(ex: Exchange, caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="proxy.access"):
+        accesslog.write(ex)
+    [record] = caplog.records
+    return record
+
+
+def test_text_line_has_every_field(caplog) -> None:
+    record = access_record(exchange(), caplog)
+    assert logs.TextFormatter().format(record) == (
+        "2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path=/api/chat model=llama3:latest "
+        "key=alice status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301"
+    )
+    assert (record.name, record.levelno, record.getMessage()) == (
+        "proxy.access",
+        logging.INFO,
+        "POST /api/chat 200 ok",
+    )
+
+
+def test_text_line_marks_unknowns_and_quotes_what_could_break_it(caplog) -> None:
+    ex = exchange(
+        path='/a b/"q"\n=x/é',
+        model="",
+        owner="",
+        waited=None,
+        prompt_tokens=None,
+        completion_tokens=None,
+        status=499,
+        outcome="client_gone",
+    )
+    line = logs.TextFormatter().format(access_record(ex, caplog))
+    assert line == (
+        '2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path="/a b/\\"q\\"\\n=x/\\u00e9" model=- '
+        "key=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=-"
+    )
+    assert "\n" not in line
+    partial = logs.TextFormatter().format(access_record(exchange(prompt_tokens=None), caplog))
+    assert partial.endswith(" tokens=-/301")
+
+
+def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
+    record = access_record(exchange(), caplog)
+    assert json.loads(logs.JsonFormatter().format(record)) == {
+        "time": "2026-11-24T09:01:02.123Z",
+        "level": "INFO",
+        "logger": "proxy.access",
+        "message": "POST /api/chat 200 ok",
+        "client": "203.0.113.7",
+        "method": "POST",
+        "path": "/api/chat",
+        "model": "llama3:latest",
+        "key": "alice",
+        "status": 200,
+        "outcome": "ok",
+        "wait": 12.345,
+        "duration": 98.765,
+        "bytes": 10342,
+        "prompt_tokens": 26,
+        "completion_tokens": 301,
+    }
+    unknown = exchange(
+        model="", owner="", waited=None, prompt_tokens=None, completion_tokens=None, path="/\n"
+    )
+    line = logs.JsonFormatter().format(access_record(unknown, caplog))
+    assert "\n" not in line
+    fields = json.loads(line)
+    assert [fields[k] for k in ("model", "key", "wait", "prompt_tokens", "completion_tokens")] == [None] * 5
+    assert fields["path"] == "/\n"
+
+
+def test_event_lines_in_both_formats() -> None:
+    record = logging.LogRecord("proxy.handler", logging.WARNING, __file__, 1, "gone: %s", ("x",), None)
+    record.created = 1795510862.5
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING proxy.handler: gone: x",
+        logs.TextFormatter().format(record),
+    )
+    assert json.loads(logs.JsonFormatter().format(record)) == {
+        "time": "2026-11-24T09:01:02.500Z",
+        "level": "WARNING",
+        "logger": "proxy.handler",
+        "message": "gone: x",
+    }
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("proxy", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    line = logs.JsonFormatter().format(failed)
+    assert "\n" not in line
+    assert json.loads(line)["exc"].endswith("ValueError: boom")
+
+
+# --- setup and reapply ----------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_logging() -> Iterator[None]:
+    """`logs.setup` changes process-wide state; put it back."""
+    root, library = logging.getLogger(), logging.getLogger("aiohttp")
+    handlers, levels = list(root.handlers), (root.level, library.level)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(levels[0])
+        library.setLevel(levels[1])
+
+
+def test_setup_applies_level_and_format_and_reapply_changes_them(fresh_logging) -> None:
+    out = io.StringIO()
+    logs.setup(LogConfig(level="info", format="json"), out)
+    logs.setup(LogConfig(level="info", format="json"), out)  # once installed, never twice
+    logging.getLogger("proxy.test").info("hello %s", "there")
+    logging.getLogger("proxy.test").debug("hidden")
+    logging.getLogger("aiohttp.server").info("hidden")
+    assert [json.loads(line)["message"] for line in out.getvalue().splitlines()] == ["hello there"]
+    assert logging.getLogger("aiohttp").level == logging.WARNING
+
+    out.truncate(0), out.seek(0)
+    logs.reapply(LogConfig(level="error", format="text"))
+    logging.getLogger("proxy.test").warning("hidden")
+    logging.getLogger("aiohttp.server").warning("hidden")
+    logging.getLogger("proxy.test").error("shown")
+    assert re.fullmatch(r"\S+ \S+ ERROR proxy.test: shown\n", out.getvalue())
+
+    logs.reapply(LogConfig(level="debug", format="text"))
+    assert logging.getLogger("aiohttp").level == logging.DEBUG
+
+
+def test_reapply_without_setup_changes_nothing(fresh_logging) -> None:
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    logs.reapply(LogConfig(level="error", format="json"))
+    assert (list(root.handlers), root.level) == before
+
+
+# --- end to end: one line per outcome -----------------------------------------------
+
+
+@pytest.fixture
+def captured(caplog) -> pytest.LogCaptureFixture:
+    """Every record of every logger, so a test can also show what never gets logged."""
+    caplog.set_level(logging.DEBUG)
+    return caplog
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [r.log_fields for r in caplog.records if r.name == "proxy.access"]
+
+
+async def only_access(caplog: pytest.LogCaptureFixture, count: int = 1) -> list[dict]:
+    """The access lines once `count` requests have ended (the handler logs after the client has its bytes)."""
+    await eventually(lambda: len(access_lines(caplog)) >= count)
+    lines = access_lines(caplog)
+    assert len(lines) == count, lines
+    return lines
+
+
+def assert_no_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    """Neither the prompt, a credential nor a query string, in any record in any format."""
+    text, json_ = logs.TextFormatter(), logs.JsonFormatter()
+    for record in caplog.records:
+        for rendered in (record.getMessage(), text.format(record), json_.format(record)):
+            for secret in SECRETS:
+                assert secret not in rendered, (secret, rendered)
+
+
+def chat(model: str = "llama3.2", stream: bool = True) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
+
+
+def expect(line: dict, **fields: object) -> None:
+    assert {k: line[k] for k in fields} == fields
+
+
+async def test_ok_streaming_line(make_proxy, sim, http, captured) -> None:
+    proxy = await make_proxy()
+    headers = {**AUTH, "CF-Connecting-IP": "203.0.113.7"}
+    async with http.post(
+        proxy.listen_url + "/api/chat?api_key=hunter2", json=chat(), headers=headers
+    ) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    [line] = await only_access(captured)
+    expect(
+        line, client="203.0.113.7", method="POST", path="/api/chat", model="llama3.2:latest", key=None,
+        status=200, outcome="ok", bytes=len(body),
+    )  # fmt: skip
+    assert 0 <= line["wait"] < 1 and line["wait"] <= line["duration"] < 5
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (1, sim.tokens)  # the prompt is one word
+    assert_no_secrets(captured)
+
+
+async def test_headers_of_an_untrusted_peer_are_ignored(make_proxy, http, captured) -> None:
+    proxy = await make_proxy(listen={"trusted_proxies": ["10.0.0.0/8"]})
+    headers = {"CF-Connecting-IP": "203.0.113.7", "X-Forwarded-For": "198.51.100.1"}
+    async with http.get(proxy.listen_url + "/api/tags?token=hunter2", headers=headers) as resp:
+        body = await resp.read()
+    [line] = await only_access(captured)
+    expect(
+        line, client="127.0.0.1", method="GET", path="/api/tags", model=None, status=200, outcome="ok",
+        wait=None, bytes=len(body), prompt_tokens=None, completion_tokens=None,
+    )  # fmt: skip
+    assert_no_secrets(captured)
+
+
+async def test_upstream_status_line(make_proxy, http, captured) -> None:
+    proxy = await make_proxy()
+    async with http.post(
+        proxy.listen_url + "/api/chat", json=chat("nope", stream=False), headers=AUTH
+    ) as resp:
+        assert resp.status == 404
+        body = await resp.read()
+    [line] = await only_access(captured)
+    expect(
+        line, path="/api/chat", model="nope:latest", status=404, outcome="upstream_status", bytes=len(body)
+    )
+    assert body and line["wait"] is not None
+    assert_no_secrets(captured)
+
+
+async def test_client_gone_lines_queued_and_running(make_proxy, sim, http, captured) -> None:
+    proxy = await make_proxy(limits={"max_concurrent": 1})
+    holder = await hold_the_slot(sim, http, proxy)
+
+    async def queued() -> None:
+        async with http.post(proxy.listen_url + "/api/chat", json=chat(), headers=AUTH) as resp:
+            await resp.read()
+
+    waiter = asyncio.create_task(queued())
+    await eventually(lambda: proxy.state.admission.waiting_total == 1)
+    await release(waiter)
+    [gone_queued] = await only_access(captured)
+    expect(
+        gone_queued, path="/api/chat", model="llama3.2:latest", status=499, outcome="client_gone", wait=None
+    )
+    await release(holder)
+    [_, gone_running] = await only_access(captured, 2)
+    expect(
+        gone_running,
+        path="/api/generate",
+        model="llama3.2:latest",
+        status=499,
+        outcome="client_gone",
+        bytes=0,
+    )
+    assert gone_running["wait"] is not None
+    assert_no_secrets(captured)
+
+
+async def test_queue_full_and_queue_timeout_lines(make_proxy, sim, http, captured) -> None:
+    proxy = await make_proxy(limits={"max_concurrent": 1, "max_queue": 1, "queue_timeout": "200ms"})
+    holder = await hold_the_slot(sim, http, proxy)
+
+    async def post() -> tuple[int, bytes]:
+        async with http.post(proxy.listen_url + "/api/chat", json=chat(), headers=AUTH) as resp:
+            return resp.status, await resp.read()
+
+    waiter = asyncio.create_task(post())
+    await eventually(lambda: proxy.state.admission.waiting_total == 1)
+    full_status, full_body = await post()
+    timeout_status, timeout_body = await waiter
+    assert (full_status, timeout_status) == (503, 503)
+    full, timed_out = await only_access(captured, 2)
+    expect(
+        full,
+        path="/api/chat",
+        model="llama3.2:latest",
+        status=503,
+        outcome="queue_full",
+        bytes=len(full_body),
+    )
+    expect(timed_out, status=503, outcome="queue_timeout", wait=None, bytes=len(timeout_body))
+    assert 0.2 <= timed_out["duration"] < 2
+    await release(holder)
+    assert_no_secrets(captured)
+
+
+async def test_bad_request_and_too_large_lines(make_proxy, http, captured) -> None:
+    proxy = await make_proxy(request={"max_body": "1KiB"})
+    async with http.post(proxy.listen_url + "/api/chat", data=PROMPT.encode(), headers=AUTH) as resp:
+        assert resp.status == 400
+        bad_body = await resp.read()
+    big = {"model": "llama3.2", "prompt": PROMPT * 100}
+    async with http.post(proxy.listen_url + "/api/generate?key=hunter2", json=big, headers=AUTH) as resp:
+        assert resp.status == 413
+        large_body = await resp.read()
+    bad, large = await only_access(captured, 2)
+    expect(bad, path="/api/chat", model=None, status=400, outcome="bad_request", wait=None)
+    expect(large, path="/api/generate", model=None, status=413, outcome="too_large", wait=None)
+    assert bad_body and large_body
+    assert (bad["bytes"], large["bytes"]) == (len(bad_body), len(large_body))
+    assert_no_secrets(captured)
+
+
+async def test_upstream_error_line(sim, make_proxy, http, captured) -> None:
+    sim.fault = "garbage"  # not HTTP: an upstream error (a dead upstream would be waited for)
+    proxy = await make_proxy()
+    async with http.post(proxy.listen_url + "/api/chat", json=chat(stream=False), headers=AUTH) as resp:
+        assert resp.status == 502
+        body = await resp.read()
+    [line] = await only_access(captured)
+    expect(
+        line, path="/api/chat", model="llama3.2:latest", status=502, outcome="upstream_error", bytes=len(body)
+    )
+    assert body
+    assert_no_secrets(captured)
+
+
+# --- the process: what reaches stderr ---------------------------------------------
+
+
+def write_config(path: Path, upstream: str, **sections: dict) -> Path:
+    path.write_text(json.dumps(proxy_config(upstream, **sections)))
+    return path
+
+
+async def test_json_logs_from_the_process_and_reload_to_text(sim, http, tmp_path) -> None:
+    config = write_config(tmp_path / "config.yaml", sim.url, log={"format": "json"})
+    async with running_proxy(config) as proc:
+        headers = {**AUTH, "CF-Connecting-IP": "203.0.113.7"}
+        async with http.post(proc.listen + "/api/chat", json=chat(stream=False), headers=headers) as resp:
+            body = await resp.read()
+        line = json.loads(await proc.log_line(r'"logger":"proxy\.access"'))
+        expect(
+            line, level="INFO", client="203.0.113.7", path="/api/chat", model="llama3.2:latest", status=200,
+            outcome="ok", bytes=len(body), prompt_tokens=1, completion_tokens=sim.tokens,
+        )  # fmt: skip
+        entries = [json.loads(entry) for entry in proc.log]  # every line so far is one JSON object
+        assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+        assert any(e["logger"] == "proxy" and e["message"].startswith("serving on ") for e in entries)
+
+        write_config(config, sim.url, log={"format": "text"})
+        proc.proc.send_signal(signal.SIGHUP)
+        await proc.log_line(r"^\S+ \S+ INFO proxy: config reloaded")
+        async with http.get(proc.listen + "/api/tags") as resp:
+            await resp.read()
+        text = await proc.log_line(r"Z client=127\.0\.0\.1 method=GET path=/api/tags ")
+        assert " status=200 outcome=ok " in text
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.proc.wait(), 10) == 0
+    assert not any(secret in entry for entry in proc.log for secret in SECRETS)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_warning_level_json_gives_only_json_warnings(sim, http, tmp_path) -> None:
+    listen, admin = free_port(), free_port()
+    sim.fault = "garbage"  # not HTTP: the request is an upstream error, a WARNING
+    config = write_config(
+        tmp_path / "config.yaml",
+        sim.url,
+        listen={"port": listen},
+        admin={"port": admin},
+        log={"format": "json", "level": "warning"},
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--config", str(config), stderr=asyncio.subprocess.PIPE, cwd=REPO
+    )
+    try:
+
+        async def healthy() -> bool:
+            try:
+                async with http.get(f"http://127.0.0.1:{admin}/-/healthy") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(healthy, timeout=20)
+        async with http.post(f"http://127.0.0.1:{listen}/api/chat", json=chat(), headers=AUTH) as resp:
+            assert resp.status == 502
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    entries = [json.loads(line) for line in stderr.decode().splitlines()]
+    assert {e["level"] for e in entries} <= {"WARNING", "ERROR"}  # not serving, access, draining, stopped
+    upstream = [e for e in entries if e["logger"] == "proxy.handler"]
+    assert len(upstream) == 1 and upstream[0]["level"] == "WARNING"
+    assert upstream[0]["message"].startswith("upstream error (reset): POST /api/chat: ")

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import aiohttp
-from aiohttp import web
+from aiohttp import payload, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.edge.body import Body
-from proxy.edge.reply import Reply
 from proxy.errors import (
     UpstreamEncoded,
     UpstreamReset,
@@ -55,6 +53,30 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _UPSTREAM_DROP = HOP_BY_HOP | _REQUEST_ONLY
 
 _T = TypeVar("_T")
+
+
+class Sink(Protocol):
+    """Where upstream's answer goes: the client's side of the exchange (`edge.reply.Reply`).
+
+    The relay only starts the answer and copies bytes into it; ending it, or
+    failing it in the client's shape, is the caller's, who knows the client.
+    A second sink (a fan-out, a recorder) plugs in here without the relay
+    knowing the listen side.
+    """
+
+    async def start(self, status: int, headers: Mapping[str, str]) -> bool:
+        """Send upstream's status line; False if a response (a keep-alive 200) is already out."""
+        ...
+
+    async def write(self, chunk: bytes) -> None:
+        """Pass on upstream's bytes as they came."""
+        ...
+
+
+class RequestBody(Protocol):
+    """The client's body as received by the listen side (`edge.body.Body`), sent on upstream."""
+
+    def payload(self) -> bytes | payload.Payload | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +143,8 @@ async def relay(
     session: aiohttp.ClientSession,
     base_url: str,
     request: web.Request,
-    body: Body,
-    reply: Reply,
+    body: RequestBody,
+    reply: Sink,
     timeout: aiohttp.ClientTimeout,
     on_chunk: Callable[[bytes], None] | None = None,
     *,

@@ -21,7 +21,7 @@ from proxy.admin import routes as admin
 from proxy.config import Config, ConfigError, config_warnings, load_config
 from proxy.edge import listener
 from proxy.edge.body import defer_expect
-from proxy.edge.handler import handle
+from proxy.edge.handler import LISTENING, Listening, handle
 from proxy.observe import logs
 from proxy.observe.metrics import Metrics
 from proxy.ollama.classify import canonical_model
@@ -77,6 +77,7 @@ async def _health_probes(app: web.Application) -> AsyncIterator[None]:
 def build_proxy_app(state: ProxyState) -> web.Application:
     app = web.Application()
     app[STATE] = state
+    app[LISTENING] = Listening()
     app.router.add_route("*", "/{path:.*}", handle, expect_handler=defer_expect)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_health_probes)
@@ -116,17 +117,21 @@ class Server:
             config.max_connections, lambda: self.state.config.access.cors_origins
         )
         metrics.watch_connections(self.connections)
+        #: Malformed requests logged in one line, while the listen port is open.
+        self._bad_requests = listener.OneLineBadRequests()
         self._admin = web.AppRunner(build_admin_app(self.state), access_log=None)
         self.listen_url = ""
         self.admin_url = ""
 
     async def start(self) -> None:
         config = self.state.config
+        listener.http_log.addFilter(self._bad_requests)
         try:
             await self._proxy.setup()
-            await listener.CappedTCPSite(
+            site = listener.CappedSite(
                 self._proxy, config.listen.host, config.listen.port, self.connections, backlog=1024
-            ).start()
+            )
+            await site.start()
             await self._admin.setup()
             await web.TCPSite(self._admin, config.admin.host, config.admin.port, backlog=1024).start()
         except BaseException:
@@ -134,8 +139,9 @@ class Server:
             for runner in (self._proxy, self._admin):
                 if runner.server is not None:
                     await runner.cleanup()
+            listener.http_log.removeFilter(self._bad_requests)
             raise
-        self.listen_url = _url(self._proxy)
+        self.listen_url = site.name
         self.admin_url = _url(self._admin)
         limits = config.limits
         log.info(
@@ -178,6 +184,7 @@ class Server:
                 await asyncio.wait(unfinished, timeout=_CUT_TIMEOUT)
         await self._proxy.cleanup()
         await self._admin.cleanup()
+        listener.http_log.removeFilter(self._bad_requests)
         log.info("stopped")
 
     def reload(self) -> list[str]:

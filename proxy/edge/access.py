@@ -3,11 +3,12 @@
 Three things a public tunnel needs and a loopback Ollama never had:
 
 * one canonical request path, so what the proxy classifies (queue or not,
-  admin or not) is exactly what upstream runs: an encoded or dotted variant
-  can neither skip the queue nor reach an admin endpoint;
-* admin endpoints (pull, push, create, delete, copy, blobs) closed unless the
-  operator opens them, since one `DELETE /api/delete` from the internet
-  removes a model;
+  model management or not) is exactly what upstream runs: an encoded or dotted
+  variant can neither skip the queue nor reach a model-management endpoint;
+* Ollama's model-management endpoints (pull, push, create, delete, copy, blobs)
+  closed unless the operator opens them (`access.admin_endpoints`, a name kept
+  for existing configs: they have nothing to do with the proxy's admin port),
+  since one `DELETE /api/delete` from the internet removes a model;
 * bearer keys, compared in constant time, so a key's name (never the key)
   can label logs and per-key limits.
 """
@@ -30,7 +31,7 @@ _REFUSED = frozenset(range(0x20)) | {0x7F}
 _BACKSLASH = 0x5C
 
 #: Ollama's endpoints that change what is installed; `blobs` also covers `/api/blobs/<digest>`.
-ADMIN_ENDPOINTS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"})
+MODEL_MANAGEMENT_ENDPOINTS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"})
 _BLOBS = "/api/blobs"
 
 #: Request headers that are the proxy's credential, never upstream's.
@@ -73,8 +74,8 @@ def canonical_path(raw_path: str) -> str:
     return quote(path, safe=_SAFE)
 
 
-def is_admin_endpoint(path: str) -> bool:
-    """Whether a canonical path is an admin endpoint, in any letter case.
+def is_model_management(path: str) -> bool:
+    """Whether a canonical path is one of Ollama's model-management endpoints, in any letter case.
 
     Ollama's router matches case-sensitively, so `/API/DELETE` is a 404 there
     today; refusing it anyway costs nothing and survives a router that
@@ -83,12 +84,13 @@ def is_admin_endpoint(path: str) -> bool:
     folded = path.lower()
     if folded.endswith("/") and folded != "/":
         folded = folded[:-1]
-    return folded in ADMIN_ENDPOINTS or folded == _BLOBS or folded.startswith(_BLOBS + "/")
+    return folded in MODEL_MANAGEMENT_ENDPOINTS or folded == _BLOBS or folded.startswith(_BLOBS + "/")
 
 
-def check_admin(path: str, access: AccessConfig) -> None:
-    """Refuse an admin endpoint unless `access.admin_endpoints` is `allow`."""
-    if access.admin_endpoints != "allow" and is_admin_endpoint(path):
+def check_model_management(path: str, access: AccessConfig) -> None:
+    """Refuse a model-management endpoint unless `access.admin_endpoints` is `allow`
+    (the message keeps the config key's word, "admin", so it names what to set)."""
+    if access.admin_endpoints != "allow" and is_model_management(path):
         raise Forbidden(
             f"{path} is an admin endpoint, closed on this proxy; "
             "set access.admin_endpoints: allow in config.yaml to open it"
@@ -118,30 +120,33 @@ class Keys:
         return found
 
 
-_cached: tuple[Mapping[str, str], Keys] | None = None
-
-
-def keys_for(keys: Mapping[str, str]) -> Keys:
+class KeysByConfig:
     """`Keys` for a config's mapping, hashed once per config rather than per request.
 
-    Keyed by identity: the config holds its mapping for its whole life and
-    the cache holds it too, so an id is never reused while cached.
+    Owned by the server (one per listen app) and passed in, so two proxies in one
+    process never share it. Keyed by identity: a config holds its mapping for its
+    whole life and this holds it too, so an id is never reused while kept.
     """
-    global _cached
-    cached = _cached
-    if cached is not None and cached[0] is keys:
-        return cached[1]
-    built = Keys(keys)
-    _cached = (keys, built)
-    return built
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: tuple[Mapping[str, str], Keys] | None = None
+
+    def of(self, keys: Mapping[str, str]) -> Keys:
+        last = self._last
+        if last is not None and last[0] is keys:
+            return last[1]
+        built = Keys(keys)
+        self._last = (keys, built)
+        return built
 
 
-def authenticate(authorization: str | None, keys: Mapping[str, str]) -> str:
+def authenticate(authorization: str | None, table: Keys) -> str:
     """The name of the client's key; "" when no keys are configured (auth off).
 
     Raises `Unauthorized` otherwise; its message never repeats what was sent.
     """
-    table = keys_for(keys)
     if not table:
         return ""
     scheme, _, token = (authorization or "").strip().partition(" ")

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +24,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.edge import access
 from proxy.edge.body import EMPTY, Body, receive
+from proxy.edge.keepalive import Heartbeats, KeepAlive
 from proxy.edge.reply import ClientStalled, Reply
 from proxy.errors import (
     BadRequest,
@@ -49,8 +51,22 @@ from proxy.upstream.relay import relay
 log = logging.getLogger("proxy.handler")
 
 
+@dataclass(frozen=True, eq=False)
+class Listening:
+    """What the listen port's requests share besides `ProxyState`: made by the server with
+    the listen app, so each proxy has its own and nothing is kept at module level."""
+
+    #: The one ticker for every waiting client's keep-alive frames.
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    #: Client keys, hashed once per loaded config.
+    keys: access.KeysByConfig = field(default_factory=access.KeysByConfig)
+
+
+LISTENING = web.AppKey("listening", Listening)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+    state, listening = request.app[STATE], request.app[LISTENING]
     config = state.config  # one view for the whole request, even across a reload
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -85,8 +101,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return _preflight(ex, cors)
         if refused is not None:
             raise refused
-        ex.owner = access.authenticate(request.headers.get("Authorization"), config.access.keys)
-        access.check_admin(path, config.access)
+        ex.owner = access.authenticate(
+            request.headers.get("Authorization"), listening.keys.of(config.access.keys)
+        )
+        access.check_model_management(path, config.access)
         if state.draining:
             raise _draining(state)
         body = await _read_body(request, config)
@@ -114,7 +132,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         slot = state.admission.slot(job.model, ex.owner)
         try:
-            async with reply.keepalive(lambda: _note(slot)):
+            async with KeepAlive(reply, listening.heartbeats, lambda: _note(slot)):
                 async with slot:
                     streaming = job.wire is not Wire.JSON
                     ex.status = await _generate(

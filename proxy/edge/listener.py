@@ -66,11 +66,14 @@ def handler_options(request: RequestConfig) -> dict[str, Any]:
     }
 
 
-class _OneLineBadRequests(logging.Filter):
+class OneLineBadRequests(logging.Filter):
     """aiohttp logs every malformed request at ERROR with a traceback; on a public
     port that is log spam an attacker controls. Such a record becomes one INFO line
     (DEBUG stays DEBUG) naming the client and the parser's reason. Genuine errors
-    (a handler's exception) pass unchanged."""
+    (a handler's exception) pass unchanged.
+
+    Added to `http_log` by the server while its listen port is open (not at import,
+    so merely importing this module changes no logger)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -88,8 +91,6 @@ class _OneLineBadRequests(logging.Filter):
         record.levelname = logging.getLevelName(record.levelno)
         return True
 
-
-http_log.addFilter(_OneLineBadRequests())
 
 
 def _one_line(text: str) -> str:
@@ -297,36 +298,47 @@ def _refusal_bytes(limit: int, *, openai: bool, cors: access.CorsHeaders = ()) -
     return head.encode("ascii") + body
 
 
-class CappedTCPSite(web.TCPSite):
-    """A `TCPSite` whose connections pass through a `ConnectionCap`.
+class CappedSite(web.BaseSite):
+    """The listen port: a site whose connections pass through a `ConnectionCap`.
 
-    `TCPSite.start` hands the runner's server to `loop.create_server` as the
-    protocol factory; this one hands it the cap's factory instead.
+    Only aiohttp's public surface: `BaseSite.start` and `stop` register the site with
+    its runner (so `runner.cleanup()` stops it before closing connections), and the
+    runner's `server` is a protocol factory, which the cap wraps. The listening socket
+    is this site's own, from `loop.create_server`, so nothing of `TCPSite` is copied.
     """
 
-    __slots__ = ("_cap",)
+    __slots__ = ("_serve", "_host", "_port", "_accept_backlog", "_cap", "_listening")
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, cap: ConnectionCap, **kwargs: Any
+        self, runner: web.BaseRunner, host: str, port: int, cap: ConnectionCap, *, backlog: int = 128
     ) -> None:
-        super().__init__(runner, host, port, **kwargs)
+        super().__init__(runner)  # refuses a runner not set up yet
+        serve = runner.server
+        assert serve is not None
+        #: aiohttp's protocol factory for the runner's app: it makes one `RequestHandler` a call.
+        self._serve: web.Server = serve
+        self._host = host
+        self._port = port
+        self._accept_backlog = backlog
         self._cap = cap
+        self._listening: asyncio.Server | None = None
+
+    @property
+    def name(self) -> str:
+        """The address served, as `http://host:port` (the port bound, once started)."""
+        if self._listening is None or not self._listening.sockets:
+            return f"http://{self._host}:{self._port}"
+        host, port = self._listening.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with its runner
-        serve = self._runner.server
-        assert serve is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._cap.protocol_factory(serve),
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
+        await super().start()
+        self._listening = await asyncio.get_running_loop().create_server(
+            lambda: self._cap.protocol_factory(self._serve), self._host, self._port, backlog=self._accept_backlog
         )
-        self._bound_port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         await super().stop()
+        if self._listening is not None:
+            self._listening.close()
         self._cap.close_refused()

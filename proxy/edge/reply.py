@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
-import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from aiohttp import web
 
@@ -41,8 +37,7 @@ class Reply:
     # Thousands live at once while clients wait: no per-instance dict.
     __slots__ = (
         "_request", "_openai", "_wire", "_model", "_aim", "_on_frame", "_lock", "_loop", "_last_sent",
-        "_tail", "_note", "_frame_task", "_ticker", "_beat_entry", "_writing", "_write_timeout", "response",
-        "headers", "sent", "_cors",
+        "_tail", "_writing", "_write_timeout", "response", "headers", "sent", "_cors",
     )  # fmt: skip
 
     def __init__(
@@ -74,11 +69,6 @@ class Reply:
         self._loop = asyncio.get_running_loop()
         self._last_sent = self._loop.time()
         self._tail = b""  # last bytes of upstream data, for boundary checks
-        # The keep-alive, while its `async with` runs: where we stand, and the frame being written.
-        self._note: Callable[[], str] | None = None
-        self._frame_task: asyncio.Task[None] | None = None
-        self._ticker: Heartbeats | None = None  # the loop's, once a keep-alive begins
-        self._beat_entry: list[Any] | None = None  # its place in the ticker's heap
         self._writing = False  # a write of upstream's bytes is under way without the lock
         #: Set once a status line is out; from then on failures go in-band.
         self.response: web.StreamResponse | None = None
@@ -105,8 +95,8 @@ class Reply:
             return True
 
     async def write(self, chunk: bytes) -> None:
-        if self._frame_task is None and not self._lock.locked():
-            # No frame is on its way, and one that starts while this write waits for the
+        if not self._lock.locked():
+            # No frame is being written, and one that starts while this write waits for the
             # client sees `_writing` and stands back: the lock, per chunk, only when needed.
             self._writing = True
             try:
@@ -184,42 +174,31 @@ class Reply:
         if transport.get_write_buffer_size():
             self._loop.call_later(self._write_timeout, transport.abort)
 
-    def keepalive(self, note: Callable[[], str]) -> _KeepAlive:
-        """Beat alongside the body of the `async with`; `note` says where we stand (SSE)."""
-        return _KeepAlive(self, note)
+    def next_beat(self) -> float | None:
+        """When a keep-alive frame is due if nothing else is sent (loop time); None once
+        upstream's own framing took over, or for a reply that never beats."""
+        if self._wire is None or self._aim <= 0:
+            return None
+        return self._last_sent + self._aim
 
-    def _due(self) -> None:
-        """The shared ticker says a frame may be due: check, and write it in a task of its own,
-        so a client slow to take it never holds up anyone else's frames."""
-        if self._wire is None or self._note is None:
-            return  # upstream's own framing took over, or the keep-alive ended
-        delay = self._last_sent + self._aim - self._loop.time()
-        if delay > 0:
-            assert self._ticker is not None
-            self._ticker.schedule(self, self._loop.time() + delay)
-        else:
-            self._frame_task = self._loop.create_task(self._beat_once(self._note))
-
-    async def _beat_once(self, note: Callable[[], str]) -> None:
+    async def beat(self, note: Callable[[], str]) -> float | None:
+        """Send a keep-alive frame if the client has heard nothing for the interval and the
+        bytes so far end on a boundary; return when the next one is due (None: never)."""
         async with self._lock:
             wire = self._wire
             if wire is None:
-                self._frame_task = None
-                return  # upstream's own framing took over
+                return None  # upstream's own framing took over
             now = self._loop.time()
             due = self._last_sent + self._aim
             if self._writing:
-                due = now + self._aim  # upstream's bytes are on their way: not silent
-            elif due <= now:
-                if frames.at_boundary(wire, self._tail):
-                    # Only SSE frames carry the note; finding a queue position costs O(queue).
-                    await self._send_frame(wire, note() if wire is Wire.SSE else "")
-                    due = self._last_sent + self._aim
-                else:
-                    due = now + self._aim  # upstream went quiet mid-line: no valid place for a frame yet
-        self._frame_task = None
-        if self._note is not None and self._ticker is not None:
-            self._ticker.schedule(self, due)
+                return now + self._aim  # upstream's bytes are on their way: not silent
+            if due > now:
+                return due
+            if not frames.at_boundary(wire, self._tail):
+                return now + self._aim  # upstream went quiet mid-line: no valid place for a frame yet
+            # Only SSE frames carry the note; finding a queue position costs O(queue).
+            await self._send_frame(wire, note() if wire is Wire.SSE else "")
+            return self._last_sent + self._aim
 
     async def _send_frame(self, wire: Wire, note: str) -> None:
         if self.response is None:
@@ -248,103 +227,3 @@ class _HeadersWithBody(web.StreamResponse):
     that arrives at once, while a stream's headers must not wait for its first token."""
 
     _send_headers_immediately = False
-
-
-class _KeepAlive:
-    """The `async with` of `Reply.keepalive`: a plain object, not a generator, since
-    thousands of these live at once while clients wait."""
-
-    __slots__ = ("_reply", "_note")
-
-    def __init__(self, reply: Reply, note: Callable[[], str]) -> None:
-        self._reply = reply
-        self._note = note
-
-    async def __aenter__(self) -> None:
-        reply = self._reply
-        if reply._wire is not None and reply._aim > 0:
-            reply._note = self._note
-            reply._ticker = Heartbeats.of(reply._loop)
-            reply._ticker.schedule(reply, reply._last_sent + reply._aim)
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        reply = self._reply
-        reply._note = None
-        if reply._ticker is not None:
-            reply._ticker.drop(reply)
-        task = reply._frame_task
-        if task is not None:
-            task.cancel()
-            # Wait for it so no frame can follow; asyncio.wait never swallows our own cancel.
-            await asyncio.wait((task,))
-
-
-class Heartbeats:
-    """One timer for every waiting client of a loop, instead of a task and a timer each:
-    a heap of [due, order, reply] entries, woken for the earliest.
-
-    An entry is dropped by clearing its reply; the heap is rebuilt once most of it is
-    dropped ones, so finished requests are not held on to until their next beat.
-    """
-
-    _of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Heartbeats] = weakref.WeakKeyDictionary()
-
-    def __init__(self) -> None:
-        # No reference to the loop: it keys `_of` weakly, and a value must not keep its key alive.
-        self._heap: list[list[Any]] = []
-        self._order = itertools.count()
-        self._dropped = 0
-        self._timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> Heartbeats:
-        ticker = cls._of.get(loop)
-        if ticker is None:
-            ticker = cls._of[loop] = cls()
-        return ticker
-
-    def schedule(self, reply: Reply, due: float) -> None:
-        """Call `reply._due()` at `due`; the reply must have no live entry."""
-        entry = [due, next(self._order), reply]
-        reply._beat_entry = entry
-        heapq.heappush(self._heap, entry)
-        if self._timer is None or due < self._timer.when():
-            self._arm()
-
-    def drop(self, reply: Reply) -> None:
-        entry = reply._beat_entry
-        if entry is None:
-            return
-        reply._beat_entry = None
-        entry[2] = None
-        self._dropped += 1
-        if self._dropped == len(self._heap):
-            # Nobody left to beat for: no timer either (it would keep a finished loop alive).
-            self._heap.clear()
-            self._dropped = 0
-            self._arm()
-        elif self._dropped > 64 and self._dropped * 2 > len(self._heap):
-            self._heap = [e for e in self._heap if e[2] is not None]
-            heapq.heapify(self._heap)
-            self._dropped = 0
-
-    def _fire(self) -> None:
-        self._timer = None
-        heap = self._heap
-        now = asyncio.get_running_loop().time()
-        while heap and heap[0][0] <= now:
-            _, _, reply = heapq.heappop(heap)
-            if reply is None:
-                self._dropped -= 1
-            else:
-                reply._beat_entry = None
-                reply._due()
-        self._arm()
-
-    def _arm(self) -> None:
-        """Point the one timer at the earliest entry."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._heap:
-            self._timer = asyncio.get_running_loop().call_at(self._heap[0][0], self._fire)

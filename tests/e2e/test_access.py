@@ -24,7 +24,14 @@ from hypothesis import strategies as st
 
 from proxy.config import AccessConfig
 from proxy.edge import access
-from proxy.edge.access import Keys, authenticate, canonical_path, check_admin, is_admin_endpoint
+from proxy.edge.access import (
+    Keys,
+    KeysByConfig,
+    authenticate,
+    canonical_path,
+    check_model_management,
+    is_model_management,
+)
 from proxy.errors import BadRequest, Forbidden, Unauthorized, error_response
 from proxy.upstream.health import PROBE_USER_AGENT
 from tests.support import eventually, sample, scrape, serving
@@ -116,12 +123,12 @@ def test_ambiguous_paths_are_refused(raw, problem):
     ],
 )
 def test_admin_endpoints_are_recognised_in_any_case(path):
-    assert is_admin_endpoint(path)
+    assert is_model_management(path)
     with pytest.raises(Forbidden) as caught:
-        check_admin(path, AccessConfig())
+        check_model_management(path, AccessConfig())
     assert caught.value.message == closed(path)
     assert caught.value.status == 403
-    check_admin(path, AccessConfig(admin_endpoints="allow"))
+    check_model_management(path, AccessConfig(admin_endpoints="allow"))
 
 
 @pytest.mark.parametrize(
@@ -129,8 +136,8 @@ def test_admin_endpoints_are_recognised_in_any_case(path):
     ["/", "/api/tags", "/api/show", "/api/pulls", "/api/blobsx", "/api/pull/x", "/x/api/pull", "/v1/models"],
 )
 def test_other_paths_are_not_admin_endpoints(path):
-    assert not is_admin_endpoint(path)
-    check_admin(path, AccessConfig())
+    assert not is_model_management(path)
+    check_model_management(path, AccessConfig())
 
 
 # -- bearer keys ---------------------------------------------------------------------------------
@@ -138,7 +145,7 @@ def test_other_paths_are_not_admin_endpoints(path):
 
 @pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer k-alice-123", "Basic abc"])
 def test_no_keys_means_auth_is_off(header):
-    assert authenticate(header, {}) == ""
+    assert authenticate(header, Keys({})) == ""
 
 
 @pytest.mark.parametrize(
@@ -150,7 +157,7 @@ def test_no_keys_means_auth_is_off(header):
     ],
 )
 def test_a_configured_key_authenticates_as_its_name(header, name):
-    assert authenticate(header, KEYS) == name
+    assert authenticate(header, Keys(KEYS)) == name
 
 
 @pytest.mark.parametrize(
@@ -171,7 +178,7 @@ def test_a_configured_key_authenticates_as_its_name(header, name):
 )
 def test_anything_else_is_unauthorized_without_echoing_it(header):
     with pytest.raises(Unauthorized) as caught:
-        authenticate(header, KEYS)
+        authenticate(header, Keys(KEYS))
     assert caught.value.message == UNAUTHORIZED
     assert caught.value.status == 401
 
@@ -194,8 +201,9 @@ def test_every_key_is_compared_whichever_matches(monkeypatch, token):
 
 def test_keys_are_hashed_once_per_config():
     first, second = AccessConfig(keys=dict(KEYS)), AccessConfig(keys=dict(KEYS))
-    assert access.keys_for(first.keys) is access.keys_for(first.keys)
-    assert access.keys_for(second.keys) is not access.keys_for(first.keys)
+    keys = KeysByConfig()
+    assert keys.of(first.keys) is keys.of(first.keys)
+    assert keys.of(second.keys) is not keys.of(first.keys)
 
 
 def test_the_401_carries_a_bearer_challenge():
@@ -259,7 +267,7 @@ def test_canonical_path_properties(raw):
     assert not canonical.endswith(("/.", "/.."))
     assert canonical_path(canonical) == canonical
     assert (unquote_to_bytes(canonical).rstrip(b"/") or b"/") == _resolved(raw)
-    assert is_admin_endpoint(canonical) == _names_admin(_resolved(raw))
+    assert is_model_management(canonical) == _names_admin(_resolved(raw))
 
 
 @st.composite
@@ -288,13 +296,13 @@ def disguised_admin_paths(draw: st.DrawFn) -> str:
 @given(disguised_admin_paths())
 def test_no_disguise_hides_an_admin_endpoint(raw):
     canonical = canonical_path(raw)
-    assert is_admin_endpoint(canonical), (raw, canonical)
+    assert is_model_management(canonical), (raw, canonical)
     with pytest.raises(Forbidden):
-        check_admin(canonical, AccessConfig())
+        check_model_management(canonical, AccessConfig())
 
 
 # -- End to end: these pass once handler.py calls access.canonical_path, authenticate and
-# -- check_admin, and relays with path= and private= (see the access-control wiring).
+# -- check_model_management, and relays with path= and private= (see the access-control wiring).
 
 
 @dataclass

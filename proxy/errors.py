@@ -38,15 +38,16 @@ class ProxyError(Exception):
         #: What the log says: the message, or a fuller account for the operator (where, which key).
         self.detail = detail or message
 
-    def body(self, *, openai: bool) -> bytes:
-        """Ollama's `{"error": "..."}`, or OpenAI's nested shape on `/v1/*`."""
+    def payload(self, *, openai: bool) -> dict[str, object]:
+        """Ollama's `{"error": "..."}`, or OpenAI's nested shape on `/v1/*`: the one place the
+        shapes are written, for a whole body (`body`) and for an in-band error (`frames`)."""
         if openai:
-            payload: object = {
-                "error": {"message": self.message, "type": self.openai_type, "code": self.reason}
-            }
-        else:
-            payload = {"error": self.message}
-        return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
+            return {"error": {"message": self.message, "type": self.openai_type, "code": self.reason}}
+        return {"error": self.message}
+
+    def body(self, *, openai: bool) -> bytes:
+        """The payload as a whole response body."""
+        return json.dumps(self.payload(openai=openai), ensure_ascii=True, separators=(",", ":")).encode()
 
 
 class BadRequest(ProxyError):

@@ -13,12 +13,13 @@ import logging
 import os
 import resource
 from collections.abc import AsyncIterator, Coroutine
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from proxy.admin import routes as admin
-from proxy.config import Config, ConfigError, config_warnings, load_config
+from proxy.config import RESTART_ONLY, Config, ConfigError, config_warnings, load_config
 from proxy.edge import listener
 from proxy.edge.body import defer_expect
 from proxy.edge.handler import LISTENING, Listening, handle
@@ -244,6 +245,8 @@ class Server:
             self.reload()
 
 
+_Section = TypeVar("_Section")
+
 #: File descriptors the process needs besides its connections: logs, the listeners, the upstream pool.
 FD_RESERVE = 64
 
@@ -269,16 +272,26 @@ def _log_warnings(config: Config) -> None:
 def _keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
     """`new` with the values bound at start put back, and the names of those that differed."""
     kept: list[str] = []
-    for key in ("listen", "admin", "metrics"):
-        if getattr(new, key) != getattr(old, key):
+    for key in RESTART_ONLY:
+        running = _value(old, key)
+        if _value(new, key) != running:
             kept.append(key)
-            new = dataclasses.replace(new, **{key: getattr(old, key)})
-    bound = ("max_header_size", "header_timeout")
-    for name in bound:
-        if getattr(new.request, name) != getattr(old.request, name):
-            kept.append(f"request.{name}")
-    request = dataclasses.replace(new.request, **{name: getattr(old.request, name) for name in bound})
-    return dataclasses.replace(new, request=request), kept
+        new = _replaced(new, key, running)
+    return new, kept
+
+
+def _value(config: object, key: str) -> object:
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _replaced(config: _Section, key: str, value: object) -> _Section:
+    """`config` with the dotted `key` set to `value`, the sections on the way copied."""
+    name, _, rest = key.partition(".")
+    return dataclasses.replace(
+        config, **{name: _replaced(getattr(config, name), rest, value) if rest else value}
+    )
 
 
 def _stamp(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:

@@ -35,6 +35,7 @@ __all__ = [
     "LimitsConfig",
     "ListenConfig",
     "MetricsConfig",
+    "RESTART_ONLY",
     "RequestConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
@@ -216,6 +217,18 @@ class Config:
         if self.listen.max_connections is not None:
             return self.listen.max_connections
         return self.limits.max_queue + self.limits.max_concurrent + CONNECTION_HEADROOM
+
+
+#: What is bound when the listeners start, so a reload keeps the running value and warns: whole
+#: sections, or `section.field`. The request keys are the listen port's parser limits
+#: (`edge.listener.handler_options`), given to aiohttp once; a test holds the two together.
+RESTART_ONLY: tuple[str, ...] = (
+    "listen",
+    "admin",
+    "metrics",
+    "request.max_header_size",
+    "request.header_timeout",
+)
 
 
 class ConfigError(Exception):

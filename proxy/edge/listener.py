@@ -92,7 +92,6 @@ class OneLineBadRequests(logging.Filter):
         return True
 
 
-
 def _one_line(text: str) -> str:
     """Client-controlled text made safe for a log line: no line breaks or control bytes, bounded."""
     flat = " ".join(text.split())
@@ -334,7 +333,10 @@ class CappedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         self._listening = await asyncio.get_running_loop().create_server(
-            lambda: self._cap.protocol_factory(self._serve), self._host, self._port, backlog=self._accept_backlog
+            lambda: self._cap.protocol_factory(self._serve),
+            self._host,
+            self._port,
+            backlog=self._accept_backlog,
         )
 
     async def stop(self) -> None:

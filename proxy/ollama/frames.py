@@ -71,12 +71,10 @@ def keepalive(wire: Wire, model: str, note: str, now: datetime | None = None) ->
 def inband_error(wire: Wire, err: ProxyError, *, openai: bool) -> bytes:
     """The last bytes of a response that had already started as a 200."""
     if wire is Wire.SSE:
-        body = {"error": {"message": err.message, "type": err.openai_type, "code": err.reason}}
-        return b"data: " + _dumps(body) + b"\n\n"
-    if wire is Wire.JSON and openai:
-        return _dumps({"error": {"message": err.message, "type": err.openai_type, "code": err.reason}})
-    line = _dumps({"error": err.message})
-    return line + b"\n" if wire is not Wire.JSON else line
+        return b"data: " + _dumps(err.payload(openai=True)) + b"\n\n"
+    if wire is Wire.JSON:
+        return _dumps(err.payload(openai=openai))
+    return _dumps(err.payload(openai=False)) + b"\n"
 
 
 def at_boundary(wire: Wire, tail: bytes) -> bool:

@@ -276,7 +276,7 @@ def _keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
         running = _value(old, key)
         if _value(new, key) != running:
             kept.append(key)
-        new = _replaced(new, key, running)
+            new = _replaced(new, key, running)
     return new, kept
 
 

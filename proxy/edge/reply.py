@@ -5,6 +5,10 @@ beat (frames while nothing else flows). Both go through one `Reply`, which
 commits the response exactly once, serialises writes with a lock, and knows
 whether the bytes so far end on a line or event boundary, so a frame can never
 land inside upstream's data.
+
+`Reply` is the relay's `upstream.relay.Sink` and the keep-alive's
+`edge.keepalive.Silent`: each sees only the few methods it needs, and neither
+touches the reply's state.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from proxy.observe import accesslog
 from proxy.observe.exchange import CLIENT_GONE, Exchange
 from proxy.observe.logs import clip
 from proxy.ollama import classify, usage
+from proxy.ollama.names import canonical_model
 from proxy.ollama.frames import Wire
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Slot
@@ -92,7 +93,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         body = await _read_body(request, config)
         job = classify.job(route, body.read()) if route.queued else None
         if job is not None:
-            ex.model = classify.canonical_model(job.model)
+            ex.model = canonical_model(job.model)
         if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
             ex.phase = "running"
             reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)

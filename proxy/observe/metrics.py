@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from proxy.config import LimitsConfig
 from proxy.observe.exchange import Exchange
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 from proxy.ollama.usage import Usage
 
 #: Generations take minutes; the buckets must reach well past 300 s.

@@ -1,9 +1,11 @@
 """Every metric in one registry.
 
-Counters and histograms are bumped where events happen; the gauges that
-describe the queue (depth, in flight, limit) are read from the admission state
-at scrape time instead, so they are right at every moment and cannot drift
-through a missed decrement.
+Counters and histograms are derived from a finished request's `Exchange`, in
+one call (`Metrics.observe`), so they agree with its access log line; only the
+keep-alive frames are counted as they go, since a waiting request has not
+finished. The gauges that describe the queue (depth, in flight, limit) are read
+from the admission state at scrape time instead, so they are right at every
+moment and cannot drift through a missed decrement.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.config import LimitsConfig
-from proxy.observe.exchange import Exchange
+from proxy.errors import ProxyError, UpstreamError
+from proxy.observe.exchange import DISCONNECTS, Exchange, Outcome, Phase
 from proxy.ollama.names import canonical_model
 from proxy.ollama.usage import Usage
 
@@ -31,13 +34,19 @@ TOKEN_KINDS = ("prompt", "completion")
 #: Longer names (real ones are far shorter) count as "other": a label is bounded in size too.
 MAX_MODEL_LABEL = 200
 
-REJECT_REASONS = (
-    "queue_full", "queue_timeout", "bad_request", "too_large",
-    "body_timeout", "unauthorized", "forbidden", "key_queue_full", "draining",
-    "spool_failed", "upstream_down", "model_not_found",
-)  # fmt: skip
-DISCONNECT_PHASES = ("queued", "running")
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "status")
+
+def _failures(root: type[ProxyError]) -> Iterator[type[ProxyError]]:
+    for kind in root.__subclasses__():
+        yield kind
+        yield from _failures(kind)
+
+
+#: Every reason the handler refuses a request with, from the error classes that carry it.
+REJECT_REASONS = tuple(
+    dict.fromkeys(failure.reason for failure in _failures(ProxyError) if failure.rejection)
+)
+#: Every kind of upstream failure, from the error classes that carry it.
+UPSTREAM_ERROR_KINDS = tuple(dict.fromkeys(failure.kind for failure in _failures(UpstreamError)))
 
 
 class QueueState(Protocol):
@@ -164,7 +173,7 @@ class Metrics:
         # Known series start at 0, so rate() and alerts work before the first event.
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
-        for phase in DISCONNECT_PHASES:
+        for phase in Phase:
             self.disconnects.labels(phase)
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(kind)
@@ -184,20 +193,26 @@ class Metrics:
                 self.tokens.labels(model, kind)
 
     def observe(self, ex: Exchange) -> None:
-        """Count one finished request."""
+        """Count one finished request: everything but its keep-alive frames."""
         label = self.model_label(ex.model)
         self.requests.labels(ex.endpoint, label, str(ex.status)).inc()
         self.duration.labels(ex.endpoint, label).observe(ex.duration)
-        if ex.owner:  # a name from the config: the label set is bounded by it
-            self.key_requests.labels(ex.owner, str(ex.status)).inc()
+        if ex.client:  # a name from the config: the label set is bounded by it
+            self.key_requests.labels(ex.client, str(ex.status)).inc()
+        if ex.outcome is Outcome.REJECTED:
+            self.rejected.labels(ex.rejection).inc()
+        elif ex.outcome in DISCONNECTS:
+            self.disconnects.labels(ex.phase).inc()
+        for kind in ex.upstream_failures:
+            self.upstream_errors.labels(kind).inc()
+        if ex.waited is not None:
+            self.queue_wait.labels(label).observe(ex.waited)
+        if ex.first_byte is not None:
+            self.first_token.labels(label).observe(ex.first_byte)
+        if (usage := ex.usage) is not None:
+            self._observe_usage(label, usage)
 
-    def observe_usage(self, model: str, usage: Usage | None, first_byte: float | None = None) -> None:
-        """Record what one generation reported; `first_byte` only for a streamed answer."""
-        label = self.model_label(model)
-        if first_byte is not None:
-            self.first_token.labels(label).observe(first_byte)
-        if usage is None:
-            return
+    def _observe_usage(self, label: str, usage: Usage) -> None:
         for kind, count in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
             if count:
                 self.tokens.labels(label, kind).inc(count)

@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import ipaddress
 import json
 import logging
-import re
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +17,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from proxy.config import LogConfig
 from proxy.observe import accesslog, logs
-from proxy.observe.exchange import Exchange
 from tests.support import REPO, eventually, hold_the_slot, proxy_config, release, running_proxy
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -101,170 +96,6 @@ def test_client_address_trusts_only_the_configured_networks() -> None:
     trusted = (ipaddress.ip_network("10.0.0.0/8"),)
     assert accesslog.client_address(peer("10.1.2.3", claim), trusted) == "203.0.113.7"
     assert accesslog.client_address(peer("127.0.0.1", claim), trusted) == "127.0.0.1"
-
-
-# --- the line and the formatters ----------------------------------------------
-
-
-def exchange(**changes: object) -> Exchange:
-    ex = Exchange(
-        method="POST",
-        path="/api/chat",
-        client="203.0.113.7",
-        arrived=1795510862.123456,  # 2026-11-24T09:01:02.123Z
-        started=0.0,
-        endpoint="/api/chat",
-        model="llama3:latest",
-        owner="alice",
-        status=200,
-        outcome="ok",
-        waited=12.3451,
-        sent=10342,
-        prompt_tokens=26,
-        completion_tokens=301,
-        duration=98.7649,
-    )
-    for name, value in changes.items():
-        setattr(ex, name, value)
-    return ex
-
-
-def access_record(ex: Exchange, caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="proxy.access"):
-        accesslog.write(ex)
-    [record] = caplog.records
-    return record
-
-
-def test_text_line_has_every_field(caplog) -> None:
-    record = access_record(exchange(), caplog)
-    assert logs.TextFormatter().format(record) == (
-        "2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path=/api/chat model=llama3:latest "
-        "key=alice status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301"
-    )
-    assert (record.name, record.levelno, record.getMessage()) == (
-        "proxy.access",
-        logging.INFO,
-        "POST /api/chat 200 ok",
-    )
-
-
-def test_text_line_marks_unknowns_and_quotes_what_could_break_it(caplog) -> None:
-    ex = exchange(
-        path='/a b/"q"\n=x/é',
-        model="",
-        owner="",
-        waited=None,
-        prompt_tokens=None,
-        completion_tokens=None,
-        status=499,
-        outcome="client_gone",
-    )
-    line = logs.TextFormatter().format(access_record(ex, caplog))
-    assert line == (
-        '2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path="/a b/\\"q\\"\\n=x/\\u00e9" model=- '
-        "key=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=-"
-    )
-    assert "\n" not in line
-    partial = logs.TextFormatter().format(access_record(exchange(prompt_tokens=None), caplog))
-    assert partial.endswith(" tokens=-/301")
-
-
-def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
-    record = access_record(exchange(), caplog)
-    assert json.loads(logs.JsonFormatter().format(record)) == {
-        "time": "2026-11-24T09:01:02.123Z",
-        "level": "INFO",
-        "logger": "proxy.access",
-        "message": "POST /api/chat 200 ok",
-        "client": "203.0.113.7",
-        "method": "POST",
-        "path": "/api/chat",
-        "model": "llama3:latest",
-        "key": "alice",
-        "status": 200,
-        "outcome": "ok",
-        "wait": 12.345,
-        "duration": 98.765,
-        "bytes": 10342,
-        "prompt_tokens": 26,
-        "completion_tokens": 301,
-    }
-    unknown = exchange(
-        model="", owner="", waited=None, prompt_tokens=None, completion_tokens=None, path="/\n"
-    )
-    line = logs.JsonFormatter().format(access_record(unknown, caplog))
-    assert "\n" not in line
-    fields = json.loads(line)
-    assert [fields[k] for k in ("model", "key", "wait", "prompt_tokens", "completion_tokens")] == [None] * 5
-    assert fields["path"] == "/\n"
-
-
-def test_event_lines_in_both_formats() -> None:
-    record = logging.LogRecord("proxy.handler", logging.WARNING, __file__, 1, "gone: %s", ("x",), None)
-    record.created = 1795510862.5
-    assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING proxy.handler: gone: x",
-        logs.TextFormatter().format(record),
-    )
-    assert json.loads(logs.JsonFormatter().format(record)) == {
-        "time": "2026-11-24T09:01:02.500Z",
-        "level": "WARNING",
-        "logger": "proxy.handler",
-        "message": "gone: x",
-    }
-    try:
-        raise ValueError("boom")
-    except ValueError:
-        failed = logging.LogRecord("proxy", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
-    line = logs.JsonFormatter().format(failed)
-    assert "\n" not in line
-    assert json.loads(line)["exc"].endswith("ValueError: boom")
-
-
-# --- setup and reapply ----------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_logging() -> Iterator[None]:
-    """`logs.setup` changes process-wide state; put it back."""
-    root, library = logging.getLogger(), logging.getLogger("aiohttp")
-    handlers, levels = list(root.handlers), (root.level, library.level)
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(levels[0])
-        library.setLevel(levels[1])
-
-
-def test_setup_applies_level_and_format_and_reapply_changes_them(fresh_logging) -> None:
-    out = io.StringIO()
-    logs.setup(LogConfig(level="info", format="json"), out)
-    logs.setup(LogConfig(level="info", format="json"), out)  # once installed, never twice
-    logging.getLogger("proxy.test").info("hello %s", "there")
-    logging.getLogger("proxy.test").debug("hidden")
-    logging.getLogger("aiohttp.server").info("hidden")
-    assert [json.loads(line)["message"] for line in out.getvalue().splitlines()] == ["hello there"]
-    assert logging.getLogger("aiohttp").level == logging.WARNING
-
-    out.truncate(0), out.seek(0)
-    logs.reapply(LogConfig(level="error", format="text"))
-    logging.getLogger("proxy.test").warning("hidden")
-    logging.getLogger("aiohttp.server").warning("hidden")
-    logging.getLogger("proxy.test").error("shown")
-    assert re.fullmatch(r"\S+ \S+ ERROR proxy.test: shown\n", out.getvalue())
-
-    logs.reapply(LogConfig(level="debug", format="text"))
-    assert logging.getLogger("aiohttp").level == logging.DEBUG
-
-
-def test_reapply_without_setup_changes_nothing(fresh_logging) -> None:
-    root = logging.getLogger()
-    before = (list(root.handlers), root.level)
-    logs.reapply(LogConfig(level="error", format="json"))
-    assert (list(root.handlers), root.level) == before
 
 
 # --- end to end: one line per outcome -----------------------------------------------

@@ -8,7 +8,8 @@ wherever it is waiting, and the same unwinding frees slot and socket.
 
 What happened is written into one `Exchange` (facts only: what failed, where
 the request was, what it cost) and handed to the observers (metrics, access
-log) once, in `finally`; only keep-alive frames are counted as they go.
+log) once, in `finally`; only what happens while a request waits (keep-alive
+frames, a failed connection after which it keeps its place) is counted as it goes.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ async def _generate(
         except UpstreamUnreachable as err:
             if not state.health.keep_waiting(err.detail):
                 raise
-            ex.upstream_failures.append(err.kind)
+            state.metrics.requeued(err.kind)
             log.warning(
                 "upstream unreachable, request keeps its place: %s %s model=%s: %s",
                 ex.method, clip(ex.path), clip(ex.model), clip(err.detail),
@@ -268,7 +269,7 @@ async def _relay(
         if meter is not None:
             _record_usage(ex, meter, streaming and status < 400)
     if status >= 500:
-        ex.upstream_failures.append(UpstreamStatus.kind)
+        ex.upstream_failure = UpstreamStatus.kind
     return status
 
 

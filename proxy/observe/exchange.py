@@ -8,7 +8,7 @@ which counter or log field a fact becomes is the observers' business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from proxy.errors import ProxyError, UpstreamError
@@ -63,9 +63,10 @@ class Exchange:
     phase: Phase = Phase.RUNNING
     #: Time in the queue until the admission that ran upstream; None if none did.
     waited: float | None = None
-    #: Every upstream failure on the way (`UpstreamError.kind`), one per failure, in order: a
-    #: request that could not connect and kept its place may have several before its answer.
-    upstream_failures: list[str] = field(default_factory=list)
+    #: The upstream failure the request ended with (`UpstreamError.kind`, "status" for an
+    #: error status relayed as it was); "" if none. A failed connection after which the
+    #: request kept its place is counted as it happens (`Metrics.requeued`), not here.
+    upstream_failure: str = ""
     #: What the generation reported of itself (see `usage.Meter`).
     usage: Usage | None = None
     #: Streamed generations: from admission to upstream's first body bytes.
@@ -77,8 +78,7 @@ class Exchange:
         """Record the failure the request ended with."""
         self.status = err.status
         if isinstance(err, UpstreamError):
-            self.outcome = Outcome.UPSTREAM_ERROR
-            self.upstream_failures.append(err.kind)
+            self.outcome, self.upstream_failure = Outcome.UPSTREAM_ERROR, err.kind
         else:
             self.outcome, self.rejection = Outcome.REJECTED, err.reason
 

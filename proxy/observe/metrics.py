@@ -1,9 +1,10 @@
 """Every metric in one registry.
 
 Counters and histograms are derived from a finished request's `Exchange`, in
-one call (`Metrics.observe`), so they agree with its access log line; only the
-keep-alive frames are counted as they go, since a waiting request has not
-finished. The gauges that describe the queue (depth, in flight, limit) are read
+one call (`Metrics.observe`), so they agree with its access log line. Only what
+happens while a request waits is counted as it goes (keep-alive frames, and a
+failed connection after which the request kept its place), since the request
+may wait for minutes yet. The gauges that describe the queue (depth, in flight, limit) are read
 from the admission state at scrape time instead, so they are right at every
 moment and cannot drift through a missed decrement.
 """
@@ -208,14 +209,20 @@ class Metrics:
             self.rejected.labels(ex.rejection).inc()
         elif ex.outcome in DISCONNECTS:
             self.disconnects.labels(ex.phase).inc()
-        for kind in ex.upstream_failures:
-            self.upstream_errors.labels(kind).inc()
+        if ex.upstream_failure:
+            self.upstream_errors.labels(ex.upstream_failure).inc()
         if ex.waited is not None:
             self.queue_wait.labels(label).observe(ex.waited)
         if ex.first_byte is not None:
             self.first_token.labels(label).observe(ex.first_byte)
         if (usage := ex.usage) is not None:
             self._observe_usage(label, usage)
+
+    def requeued(self, kind: str) -> None:
+        """Count at once the upstream failure (`UpstreamError.kind`) that sent an admitted request
+        back to its place in the queue: during an outage it may wait up to `health.outage_grace`,
+        and the connect errors must show (and alert) while it does."""
+        self.upstream_errors.labels(kind).inc()
 
     def _observe_usage(self, label: str, usage: Usage) -> None:
         for kind, count in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):

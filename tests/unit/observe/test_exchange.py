@@ -13,8 +13,4 @@ def test_a_failure_records_status_outcome_and_reason_for_both_observers() -> Non
     assert (refused.status, refused.outcome, refused.outcome_text) == (503, Outcome.REJECTED, "queue_full")
     failed = exchange()
     failed.fail(UpstreamReset("reset"))
-    assert (failed.status, failed.outcome_text, failed.upstream_failures) == (
-        502,
-        "upstream_error",
-        ["reset"],
-    )
+    assert (failed.status, failed.outcome_text, failed.upstream_failure) == (502, "upstream_error", "reset")

@@ -143,9 +143,13 @@ def test_a_refusal_counts_its_reason(err) -> None:
 
 
 def test_every_upstream_failure_on_the_way_counts_once() -> None:
-    """Two connects that failed while the request kept its place, then the failure it ended with."""
+    """Two connects that failed while the request kept its place (counted at once), then the
+    failure it ended with (counted when it ended)."""
     metrics = Metrics(())
-    ex = exchange(upstream_failures=[UpstreamUnreachable.kind, UpstreamUnreachable.kind])
+    metrics.requeued(UpstreamUnreachable.kind)
+    metrics.requeued(UpstreamUnreachable.kind)
+    assert value(metrics, "ollama_proxy_upstream_errors_total", kind="connect") == 2
+    ex = exchange()
     ex.fail(UpstreamTimeout("slow"))
     metrics.observe(ex)
     assert value(metrics, "ollama_proxy_upstream_errors_total", kind="connect") == 2
@@ -155,7 +159,7 @@ def test_every_upstream_failure_on_the_way_counts_once() -> None:
 
 def test_a_relayed_error_status_is_an_upstream_failure() -> None:
     metrics = Metrics(())
-    metrics.observe(exchange(status=500, outcome=Outcome.UPSTREAM_STATUS, upstream_failures=["status"]))
+    metrics.observe(exchange(status=500, outcome=Outcome.UPSTREAM_STATUS, upstream_failure="status"))
     assert value(metrics, "ollama_proxy_upstream_errors_total", kind="status") == 1
     assert value(metrics, "ollama_proxy_requests_total", endpoint="/api/chat", model="other", code="500") == 1
 

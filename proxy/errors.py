@@ -25,6 +25,8 @@ class ProxyError(Exception):
     status: int = 500
     #: Label for `ollama_proxy_rejected_total{reason}` and the OpenAI `code` field.
     reason: ClassVar[str] = "internal"
+    #: The handler refuses requests with it: counted by `reason` in `ollama_proxy_rejected_total`.
+    rejection: ClassVar[bool] = True
     #: OpenAI's error `type`: 4xx are the caller's fault, 5xx ours or upstream's.
     openai_type: ClassVar[str] = "server_error"
     #: Response headers that belong to this kind of failure (a 401's challenge, say).
@@ -100,6 +102,7 @@ class TooManyConnections(ProxyError):
 
     status = 503
     reason = "too_many_connections"
+    rejection = False  # counted in ollama_proxy_connections_refused_total instead
 
 
 class ShuttingDown(ProxyError):
@@ -107,6 +110,7 @@ class ShuttingDown(ProxyError):
 
     status = 503
     reason = "shutdown"
+    rejection = False  # the request was taken, then cut: its outcome is "shutdown"
 
 
 class QueueFull(ProxyError):
@@ -159,6 +163,7 @@ class UpstreamError(ProxyError):
 
     kind: ClassVar[str] = "reset"
     reason = "upstream_error"
+    rejection = False  # counted by `kind` in ollama_proxy_upstream_errors_total
 
 
 class UpstreamUnreachable(UpstreamError):

@@ -25,7 +25,7 @@ from proxy.edge.body import defer_expect
 from proxy.edge.handler import LISTENING, Listening, handle
 from proxy.observe import logs
 from proxy.observe.metrics import Metrics
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Admission
 from proxy.units import counted, format_duration

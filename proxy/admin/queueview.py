@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 from proxy.runtime import STATE
 from proxy.scheduling.admission import Admission
 

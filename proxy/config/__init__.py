@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 from proxy.units import format_duration, format_size, kind_of, parse_duration, parse_size
 
 __all__ = [
@@ -388,7 +388,7 @@ def _to_metrics_path(value: object) -> str:
 def _check_models(value: object, path: str, problems: list[str]) -> Mapping[str, int]:
     """Per-model caps: each name checked on its own line so every bad entry shows.
 
-    Names are compared as Ollama compares them (`classify.canonical_model`):
+    Names are compared as Ollama compares them (`names.canonical_model`):
     two spellings of one model would otherwise leave one cap silently unused.
     """
     if value is None:

@@ -6,8 +6,10 @@ relay closes its upstream response in `finally`. The server runs with
 `handler_cancellation=True`, so a client that vanishes cancels this coroutine
 wherever it is waiting, and the same unwinding frees slot and socket.
 
-What happened is written into one `Exchange` and handed to the observers
-(metrics, access log) once, in `finally`.
+What happened is written into one `Exchange` (facts only: what failed, where
+the request was, what it cost) and handed to the observers (metrics, access
+log) once, in `finally`; only what happens while a request waits (keep-alive
+frames, a failed connection after which it keeps its place) is counted as it goes.
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ from proxy.errors import (
     TooLarge,
     UpstreamError,
     UpstreamReset,
+    UpstreamStatus,
     UpstreamUnreachable,
     error_response,
 )
 from proxy.observe import accesslog
-from proxy.observe.exchange import CLIENT_GONE, Exchange
+from proxy.observe.exchange import CLIENT_GONE, Exchange, Outcome, Phase
 from proxy.observe.logs import clip
 from proxy.ollama import classify, usage
 from proxy.ollama.frames import Wire
+from proxy.ollama.names import canonical_model
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Slot
 from proxy.units import format_duration
@@ -80,11 +84,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ex = Exchange(
         method=request.method,
         path=path,
-        client=accesslog.client_address(request, config.listen.trusted_proxies),
+        address=accesslog.client_address(request, config.listen.trusted_proxies),
         arrived=time.time(),
         started=loop.time(),
         endpoint=route.endpoint,
-        phase="queued" if route.queued else "running",
+        phase=Phase.QUEUED if route.queued else Phase.RUNNING,
     )
     reply: Reply | None = None
     cors: access.CorsHeaders = ()
@@ -101,7 +105,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return _preflight(ex, cors)
         if refused is not None:
             raise refused
-        ex.owner = access.authenticate(
+        ex.client = access.authenticate(
             request.headers.get("Authorization"), listening.keys.of(config.access.keys)
         )
         access.check_model_management(path, config.access)
@@ -110,11 +114,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         body = await _read_body(request, config)
         job = classify.job(route, body.read()) if route.queued else None
         if job is not None:
-            ex.model = classify.canonical_model(job.model)
+            ex.model = canonical_model(job.model)
         if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
-            ex.phase = "running"
+            ex.phase = Phase.RUNNING
             reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)
-            ex.status = await _relay(state, config, request, path, body, reply)
+            ex.status = await _relay(state, config, request, path, body, reply, ex)
             return await _finish(reply, ex)
 
         state.health.refuse_newcomer()
@@ -130,7 +134,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             write_timeout=config.timeouts.write,
             cors=cors,
         )
-        slot = state.admission.slot(job.model, ex.owner)
+        slot = state.admission.slot(job.model, ex.client)
         try:
             async with KeepAlive(reply, listening.heartbeats, lambda: _note(slot)):
                 async with slot:
@@ -143,8 +147,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
         return await _finish(reply, ex)
     except ProxyError as err:
-        ex.status, ex.outcome = err.status, _outcome(err)
-        _count_failure(state, err, ex)
+        ex.fail(err)
+        _log_failure(err, ex)
         if reply is None:
             response = error_response(err, openai=route.openai, cors=cors)
             ex.sent = len(response.body or b"")
@@ -156,9 +160,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionResetError) as exc:
         if state.stopping and isinstance(exc, asyncio.CancelledError) and task.uncancel() == 0:
             return await _cut_at_shutdown(state, request, reply, route.openai, ex, cors)
-        state.metrics.disconnects.labels(ex.phase).inc()
         if isinstance(exc, ClientStalled):
-            ex.outcome = "client_stalled"
+            ex.outcome = Outcome.CLIENT_STALLED
             log.warning(
                 "client stalled: %s %s model=%s: %s; cut off",
                 ex.method,
@@ -188,7 +191,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:
     response = await reply.finish()
-    ex.outcome = "ok" if ex.status < 400 else "upstream_status"
+    ex.outcome = Outcome.OK if ex.status < 400 else Outcome.UPSTREAM_STATUS
     return response
 
 
@@ -221,16 +224,16 @@ async def _generate(
     """Relay an admitted generation. One that could not connect (upstream never received
     it) goes back to its place in the queue while upstream is down, within the outage grace."""
     while True:
-        ex.phase, ex.waited = "running", slot.waited
+        ex.phase, ex.waited = Phase.RUNNING, slot.waited
         reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
-        requeued = False
         try:
-            return await _relay(state, config, request, path, body, reply, ex, streaming)
+            return await _relay(
+                state, config, request, path, body, reply, ex, generation=True, streaming=streaming
+            )
         except UpstreamUnreachable as err:
             if not state.health.keep_waiting(err.detail):
                 raise
-            requeued = True
-            state.metrics.upstream_errors.labels(err.kind).inc()
+            state.metrics.requeued(err.kind)
             log.warning(
                 "upstream unreachable, request keeps its place: %s %s model=%s: %s",
                 ex.method, clip(ex.path), clip(ex.model), clip(err.detail),
@@ -238,10 +241,7 @@ async def _generate(
         except UpstreamReset:
             state.health.suspect()
             raise
-        finally:
-            if not requeued:
-                state.metrics.queue_wait.labels(state.metrics.model_label(ex.model)).observe(slot.waited)
-        ex.phase, ex.waited = "queued", None
+        ex.phase, ex.waited = Phase.QUEUED, None
         await slot.requeue()
 
 
@@ -252,20 +252,22 @@ async def _relay(
     path: str,
     body: Body,
     reply: Reply,
-    ex: Exchange | None = None,
+    ex: Exchange,
+    *,
+    generation: bool = False,
     streaming: bool = False,
 ) -> int:
-    """Relay to upstream; for a generation (`ex` given), also note what upstream says it cost.
+    """Relay to upstream; for a generation, also note what upstream says it cost.
 
     A non-streamed generation is silent upstream until its answer is whole, so
     it is bounded by `timeouts.generation` in all instead of `timeouts.read`.
     """
     assert state.session is not None, "client session is opened in cleanup_ctx"
-    whole = ex is not None and not streaming
+    whole = generation and not streaming
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.timeouts.connect, sock_read=None if whole else config.timeouts.read
     )
-    meter = usage.Meter(asyncio.get_running_loop().time) if ex is not None else None
+    meter = usage.Meter(asyncio.get_running_loop().time) if generation else None
     # Stays 0 if relay raises: any body it had relayed by then came with a success status.
     status = 0
     try:
@@ -282,20 +284,20 @@ async def _relay(
             generation=config.timeouts.generation if whole else None,
         )
     finally:
-        if meter is not None and ex is not None:
-            _record_usage(state, ex, meter, streaming and status < 400)
+        if meter is not None:
+            _record_usage(ex, meter, streaming and status < 400)
     if status >= 500:
-        state.metrics.upstream_errors.labels("status").inc()
+        ex.upstream_failure = UpstreamStatus.kind
     return status
 
 
-def _record_usage(state: ProxyState, ex: Exchange, meter: usage.Meter, streamed: bool) -> None:
-    """Counts for the access log and the model metrics; time to first token only when streamed,
-    since a non-streamed answer arrives all at once, after the last token."""
-    found = meter.close()
-    if found is not None:
-        ex.prompt_tokens, ex.completion_tokens = found.prompt_tokens, found.completion_tokens
-    state.metrics.observe_usage(ex.model, found, meter.first_byte if streamed else None)
+def _record_usage(ex: Exchange, meter: usage.Meter, streamed: bool) -> None:
+    """What the generation reported; time to first token only when streamed, since a
+    non-streamed answer arrives all at once, after the last token."""
+    if (found := meter.close()) is not None:
+        ex.usage = found
+    if streamed and meter.first_byte is not None:
+        ex.first_byte = meter.first_byte
 
 
 async def _cut_at_shutdown(
@@ -312,7 +314,7 @@ async def _cut_at_shutdown(
         f"the proxy is shutting down and this request did not finish within shutdown_grace={grace}; retry it",
         retry_after=1,
     )
-    ex.status, ex.outcome = err.status, "shutdown"
+    ex.status, ex.outcome = err.status, Outcome.SHUTDOWN
     log.warning(
         "cut at shutdown: %s %s model=%s phase=%s", ex.method, clip(ex.path), clip(ex.model or "-"), ex.phase
     )
@@ -322,7 +324,7 @@ async def _cut_at_shutdown(
 def _preflight(ex: Exchange, cors: access.CorsHeaders) -> web.Response:
     """A browser's preflight, answered as Ollama answers it (204) and before any key is
     asked for: browsers send no `Authorization` on a preflight."""
-    ex.status, ex.outcome = 204, "ok"
+    ex.status, ex.outcome = 204, Outcome.OK
     response = web.Response(status=204)
     response.headers.extend(cors)
     return response
@@ -342,15 +344,9 @@ def _note(slot: Slot) -> str:
     return f"queued, position {place[0]} of {place[1]}"
 
 
-def _outcome(err: ProxyError) -> str:
-    return "upstream_error" if isinstance(err, UpstreamError) else err.reason
-
-
-def _count_failure(state: ProxyState, err: ProxyError, ex: Exchange) -> None:
+def _log_failure(err: ProxyError, ex: Exchange) -> None:
     # ex.path is canonical and escaped: a client cannot split a log line with it.
     if isinstance(err, UpstreamError):
-        state.metrics.upstream_errors.labels(err.kind).inc()
         log.warning("upstream error (%s): %s %s: %s", err.kind, ex.method, clip(ex.path), clip(err.detail))
     else:
-        state.metrics.rejected.labels(err.reason).inc()
         log.info("rejected (%s): %s %s: %s", err.reason, ex.method, clip(ex.path), clip(err.detail))

@@ -13,6 +13,10 @@ The time is the request's arrival (as Apache's `%t`); `wait` is the time in the
 queue (unknown for a request that never got a slot), `duration` the whole
 request, both in seconds; `bytes` is the body bytes sent to the client.
 
+The field names are older than the code's words: the field `client` is the
+exchange's `address` (where the request came from) and `key` its `client` (who
+asked: the key's name).
+
 Only facts about the request are logged, never its content: the path without
 its query string (which may hold a token), the client key's *name*, never a
 key, header, prompt or response.
@@ -31,7 +35,7 @@ from multidict import MultiMapping
 
 from proxy.config import IPNetwork
 from proxy.observe.exchange import Exchange
-from proxy.observe.logs import clip, iso_time
+from proxy.observe.logs import clip
 
 log = logging.getLogger("proxy.access")
 
@@ -83,28 +87,28 @@ def write(ex: Exchange) -> None:
 
     The record is made and handed on directly: `Logger.info` would also look up
     the caller's file and line, which no format here shows, and the text line is
-    only built if the text formatter asks for it.
+    only built if the text formatter asks for it. Its time is the request's
+    arrival, which the formatter writes (`logs.IsoTime`).
     """
     if not log.isEnabledFor(logging.INFO):
         return
-    extra = {"log_line": lambda: text_line(ex), "log_fields": record_fields(ex)}
-    msg_args = (ex.method, ex.path, ex.status, ex.outcome)
-    log.handle(
-        log.makeRecord(log.name, logging.INFO, __file__, 0, "%s %s %d %s", msg_args, None, extra=extra)
-    )
+    extra = {"log_line": lambda time: text_line(ex, time), "log_fields": record_fields(ex)}
+    msg_args = (ex.method, ex.path, ex.status, ex.outcome_text)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, "%s %s %d %s", msg_args, None, extra=extra)
+    record.created, record.msecs = ex.arrived, ex.arrived % 1 * 1000
+    log.handle(record)
 
 
 def record_fields(ex: Exchange) -> dict[str, object]:
-    """The JSON form's fields."""
+    """The JSON form's fields after the record's own (time, level, logger, message)."""
     return {
-        "time": iso_time(ex.arrived),
-        "client": ex.client,
+        "client": ex.address,
         "method": ex.method,
         "path": clip(ex.path),
         "model": clip(ex.model) or None,
-        "key": ex.owner or None,
+        "key": ex.client or None,
         "status": ex.status,
-        "outcome": ex.outcome,
+        "outcome": ex.outcome_text,
         "wait": None if ex.waited is None else round(ex.waited, 3),
         "duration": round(ex.duration, 3),
         "bytes": ex.sent,
@@ -113,16 +117,16 @@ def record_fields(ex: Exchange) -> dict[str, object]:
     }
 
 
-def text_line(ex: Exchange) -> str:
-    """The text form, timestamp first."""
+def text_line(ex: Exchange, time: str) -> str:
+    """The text form, `time` (the arrival, as text) first."""
     if ex.prompt_tokens is None and ex.completion_tokens is None:
         tokens = "-"
     else:
         tokens = f"{_value(ex.prompt_tokens)}/{_value(ex.completion_tokens)}"
     return (
-        f"{iso_time(ex.arrived)} client={_value(ex.client)} method={_value(ex.method)} "
-        f"path={_value(ex.path)} model={_value(ex.model or None)} key={_value(ex.owner or None)} "
-        f"status={_value(ex.status)} outcome={_value(ex.outcome)} wait={_value(ex.waited)} "
+        f"{time} client={_value(ex.address)} method={_value(ex.method)} "
+        f"path={_value(ex.path)} model={_value(ex.model or None)} key={_value(ex.client or None)} "
+        f"status={_value(ex.status)} outcome={_value(ex.outcome_text)} wait={_value(ex.waited)} "
         f"duration={_value(ex.duration)} bytes={_value(ex.sent)} tokens={_value(tokens)}"
     )
 

@@ -7,11 +7,10 @@ libraries', comes out in one format. `setup` installs it when `serve` starts;
 process that never called `setup` (tests that run a `Server` in-process keep
 pytest's own logging untouched).
 
-A record may carry two extras, used by the access log:
-`log_line`, the whole text line (it brings its own timestamp), or a function
-that makes it (so that it is only built when it is written as text), and
-`log_fields`, top-level fields of the JSON object (`time` among them may
-replace the record's own).
+A record may carry two extras, used by the access log: `log_line`, a function
+that makes the whole text line from the record's time as text (so that the line
+is only built when it is written as text), and `log_fields`, top-level fields of
+the JSON object.
 """
 
 from __future__ import annotations
@@ -47,18 +46,23 @@ def clip(text: str, limit: int = FIELD_CHARS) -> str:
     return f"{text[:limit]}\u2026(+{cut} bytes)"
 
 
-def iso_time(seconds: float) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. 2026-11-24T09:01:02.123Z: sorts as text, parses everywhere."""
-    global _second
-    moment = datetime.fromtimestamp(seconds, UTC)
-    whole = moment.replace(microsecond=0)
-    if whole != _second[0]:  # one line per request: most share their second with the one before
-        _second = (whole, whole.strftime("%Y-%m-%dT%H:%M:%S."))
-    return f"{_second[1]}{moment.microsecond // 1000:03d}Z"
+class IsoTime:
+    """RFC 3339 UTC with milliseconds, e.g. 2026-11-24T09:01:02.123Z: sorts as text, parses everywhere.
 
+    Each formatter owns one: it remembers the last second it wrote, since most
+    lines share their second with the one before.
+    """
 
-#: The last second `iso_time` formatted, and its text up to the fraction.
-_second: tuple[datetime | None, str] = (None, "")
+    def __init__(self) -> None:
+        self._second: datetime | None = None
+        self._prefix = ""
+
+    def __call__(self, seconds: float) -> str:
+        moment = datetime.fromtimestamp(seconds, UTC)
+        whole = moment.replace(microsecond=0)
+        if whole != self._second:
+            self._second, self._prefix = whole, whole.strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self._prefix}{moment.microsecond // 1000:03d}Z"
 
 
 class TextFormatter(logging.Formatter):
@@ -66,12 +70,13 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._time = IsoTime()
 
     def format(self, record: logging.LogRecord) -> str:
         line = getattr(record, "log_line", None)
         if callable(line):
-            line = line()
-        return line if isinstance(line, str) else super().format(record)
+            return str(line(self._time(record.created)))
+        return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,9 +86,13 @@ class JsonFormatter(logging.Formatter):
     break the line nor smuggle terminal escapes into the log.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._time = IsoTime()
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": iso_time(record.created),
+            "time": self._time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -1,23 +1,27 @@
 """Every metric in one registry.
 
-Counters and histograms are bumped where events happen; the gauges that
-describe the queue (depth, in flight, limit) are read from the admission state
-at scrape time instead, so they are right at every moment and cannot drift
-through a missed decrement.
+Counters and histograms are derived from a finished request's `Exchange`, in
+one call (`Metrics.observe`), so they agree with its access log line. Only what
+happens while a request waits is counted as it goes (keep-alive frames, and a
+failed connection after which the request kept its place), since the request
+may wait for minutes yet. The gauges that describe the queue (depth, in flight, limit) are read
+from the admission state at scrape time instead, so they are right at every
+moment and cannot drift through a missed decrement.
 """
 
 from __future__ import annotations
 
 from collections import Counter as CounterType
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.config import LimitsConfig
-from proxy.observe.exchange import Exchange
-from proxy.ollama.classify import canonical_model
+from proxy.errors import ProxyError, UpstreamError
+from proxy.observe.exchange import DISCONNECTS, Exchange, Outcome, Phase
+from proxy.ollama.names import canonical_model
 from proxy.ollama.usage import Usage
 
 #: Generations take minutes; the buckets must reach well past 300 s.
@@ -31,13 +35,24 @@ TOKEN_KINDS = ("prompt", "completion")
 #: Longer names (real ones are far shorter) count as "other": a label is bounded in size too.
 MAX_MODEL_LABEL = 200
 
-REJECT_REASONS = (
-    "queue_full", "queue_timeout", "bad_request", "too_large",
-    "body_timeout", "unauthorized", "forbidden", "key_queue_full", "draining",
-    "spool_failed", "upstream_down", "model_not_found",
-)  # fmt: skip
-DISCONNECT_PHASES = ("queued", "running")
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "status")
+
+_Failure = TypeVar("_Failure", bound=ProxyError)
+
+
+def _failures(root: type[_Failure]) -> Iterator[type[_Failure]]:
+    """Every error class below `root`, in the order they are defined: a new one in `errors.py`
+    gets its series at 0 without being listed again here."""
+    for kind in root.__subclasses__():
+        yield kind
+        yield from _failures(kind)
+
+
+#: Every reason the handler refuses a request with, from the error classes that carry it.
+REJECT_REASONS = tuple(
+    dict.fromkeys(failure.reason for failure in _failures(ProxyError) if failure.rejection)
+)
+#: Every kind of upstream failure, from the error classes that carry it.
+UPSTREAM_ERROR_KINDS = tuple(dict.fromkeys(failure.kind for failure in _failures(UpstreamError)))
 
 
 class QueueState(Protocol):
@@ -164,7 +179,7 @@ class Metrics:
         # Known series start at 0, so rate() and alerts work before the first event.
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
-        for phase in DISCONNECT_PHASES:
+        for phase in Phase:
             self.disconnects.labels(phase)
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(kind)
@@ -184,20 +199,32 @@ class Metrics:
                 self.tokens.labels(model, kind)
 
     def observe(self, ex: Exchange) -> None:
-        """Count one finished request."""
+        """Count one finished request: everything but its keep-alive frames."""
         label = self.model_label(ex.model)
         self.requests.labels(ex.endpoint, label, str(ex.status)).inc()
         self.duration.labels(ex.endpoint, label).observe(ex.duration)
-        if ex.owner:  # a name from the config: the label set is bounded by it
-            self.key_requests.labels(ex.owner, str(ex.status)).inc()
+        if ex.client:  # a name from the config: the label set is bounded by it
+            self.key_requests.labels(ex.client, str(ex.status)).inc()
+        if ex.outcome is Outcome.REJECTED:
+            self.rejected.labels(ex.rejection).inc()
+        elif ex.outcome in DISCONNECTS:
+            self.disconnects.labels(ex.phase).inc()
+        if ex.upstream_failure:
+            self.upstream_errors.labels(ex.upstream_failure).inc()
+        if ex.waited is not None:
+            self.queue_wait.labels(label).observe(ex.waited)
+        if ex.first_byte is not None:
+            self.first_token.labels(label).observe(ex.first_byte)
+        if (usage := ex.usage) is not None:
+            self._observe_usage(label, usage)
 
-    def observe_usage(self, model: str, usage: Usage | None, first_byte: float | None = None) -> None:
-        """Record what one generation reported; `first_byte` only for a streamed answer."""
-        label = self.model_label(model)
-        if first_byte is not None:
-            self.first_token.labels(label).observe(first_byte)
-        if usage is None:
-            return
+    def requeued(self, kind: str) -> None:
+        """Count at once the upstream failure (`UpstreamError.kind`) that sent an admitted request
+        back to its place in the queue: during an outage it may wait up to `health.outage_grace`,
+        and the connect errors must show (and alert) while it does."""
+        self.upstream_errors.labels(kind).inc()
+
+    def _observe_usage(self, label: str, usage: Usage) -> None:
         for kind, count in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
             if count:
                 self.tokens.labels(label, kind).inc(count)

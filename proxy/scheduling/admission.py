@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from proxy.config import LimitsConfig
 from proxy.errors import OwnerQueueFull, ProxyError, QueueFull, QueueTimeout
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 from proxy.units import counted, format_duration
 
 #: How long a slot is taken to be held until a request has finished to learn from.

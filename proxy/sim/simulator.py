@@ -36,7 +36,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 
 __all__ = ["FAULTS", "GARBAGE", "GenRecord", "Simulator", "main"]
 

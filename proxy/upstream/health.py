@@ -33,7 +33,7 @@ import aiohttp
 from proxy.config import HealthConfig
 from proxy.errors import ModelNotFound, ProxyError, UpstreamDown
 from proxy.observe.logs import clip
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 from proxy.units import format_duration
 
 log = logging.getLogger("proxy.health")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from proxy.errors import BadRequest
-from proxy.ollama import classify
+from proxy.ollama import classify, names
 from tests.support import eventually, hold_the_slot, release
 
 PART80 = "8" * 80
@@ -58,7 +58,7 @@ PART350 = "3" * 350
     ],
 )
 def test_canonical_model_follows_ollamas_parse_name(name, canonical):
-    assert classify.canonical_model(name) == canonical
+    assert names.canonical_model(name) == canonical
 
 
 @pytest.mark.parametrize(
@@ -91,8 +91,8 @@ def test_canonical_model_follows_ollamas_parse_name(name, canonical):
 )
 def test_invalid_names_are_only_trimmed_and_lowercased(name):
     """Ollama answers 404 for these; they keep a key of their own that no valid name shares."""
-    assert classify.canonical_model(name) == name.strip().lower()
-    assert classify.canonical_model(name) != classify.canonical_model(name.strip().lower() + "x")
+    assert names.canonical_model(name) == name.strip().lower()
+    assert names.canonical_model(name) != names.canonical_model(name.strip().lower() + "x")
 
 
 # --- job: the body's keys as Go's encoding/json reads them ----------------------------

@@ -111,6 +111,30 @@ async def test_a_request_that_cannot_connect_keeps_its_place_in_arrival_order(si
     assert [json.loads(r.body)["prompt"] for r in sim.records] == ["p0", "p1", "p2", "p3"]
 
 
+async def test_a_failed_connection_counts_while_its_request_keeps_waiting(sim, make_proxy, http):
+    """The connect error shows in /metrics during the outage, not only once its request ends
+    (which may be `health.outage_grace` later): the alert on connect errors needs it now."""
+    proxy = await make_proxy(limits={"max_concurrent": 1}, health={"interval": "60s", "outage_grace": "60s"})
+    await eventually(lambda: proxy.state.health.up is True, timeout=10)
+    await sim.close()  # no probe before the request's own connection finds out
+
+    async def ask() -> None:
+        body = {"model": "llama3.2", "prompt": "p", "stream": False}
+        async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
+            await resp.read()
+
+    waiting = asyncio.create_task(ask())
+    try:
+        admission = proxy.state.admission
+        await eventually(lambda: proxy.state.health.up is False and admission.waiting_total == 1, timeout=10)
+        metrics = await scrape(http, proxy)
+        assert sample(metrics, "ollama_proxy_upstream_errors_total", kind="connect") == 1
+        assert not waiting.done()
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+
+
 async def test_an_outage_past_the_grace_answers_503_then_recovers(sim, make_proxy, http):
     proxy = await make_proxy(
         limits={"max_concurrent": 1},

@@ -6,7 +6,7 @@ import pytest
 
 from proxy.edge.access import canonical_path
 from proxy.errors import BadRequest
-from proxy.ollama import classify
+from proxy.ollama import classify, names
 from proxy.ollama.frames import Wire
 
 
@@ -99,4 +99,4 @@ def test_the_model_is_kept_as_sent():
     ],
 )
 def test_canonical_model_names(name, canonical):
-    assert classify.canonical_model(name) == canonical
+    assert names.canonical_model(name) == canonical

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config import LimitsConfig
 from proxy.errors import QueueFull, QueueTimeout
-from proxy.ollama.classify import canonical_model
+from proxy.ollama.names import canonical_model
 from proxy.scheduling.admission import Admission
 
 

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import load_config
 from proxy.ollama.classify import canonical_model
 from proxy.server import Server
-from proxy.sim.simulator import GARBAGE, GenRecord, Simulator
+from proxy.sim import GARBAGE, GenRecord, Simulator
 from tests.support import ProxyProcess, eventually, proxy_config, running_proxy
 from tests.support.chaos import (
     MAX_BODY,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.sim.simulator import Simulator
+from proxy.sim import Simulator
 
 from .servers import Server, proxy
 

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from proxy.sim.simulator import Simulator
+from proxy.sim import Simulator
 
 from . import servers
 from .servers import REPO, Server

@@ -16,7 +16,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from proxy.config import Config, ConfigError, config_warnings, load_config, summary
+from proxy.config import Config, ConfigError, FileStamp, config_warnings, load_config, read_config, summary
 from proxy.demo import run_demo
 from proxy.observe import logs
 from proxy.server import Server
@@ -81,14 +81,14 @@ def check_config(path: str) -> int:
 
 def serve(path: str, *, watch: bool = False) -> int:
     try:
-        config = load_config(path)
+        config, read_at = read_config(path)
     except ConfigError as err:
         for problem in err.problems:
             print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
     logs.setup(config.log)
     try:
-        return asyncio.run(_serve(config, Path(path), watch))
+        return asyncio.run(_serve(config, Path(path), read_at, watch))
     except KeyboardInterrupt:  # a second Ctrl-C while draining: stop at once, quietly
         return 130
 
@@ -102,10 +102,10 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _serve(config: Config, path: Path, watch: bool) -> int:
+async def _serve(config: Config, path: Path, read_at: FileStamp, watch: bool) -> int:
     """Run until SIGTERM or SIGINT, reloading on SIGHUP (and file changes with --watch), then drain."""
-    server = Server(config, path)
-    # The file as it is before "serving on": a change made as soon as that line shows is seen.
+    # `--watch` compares against the file as it was read: a change made any time after is seen.
+    server = Server(config, path, read_at)
     watching = server.watch() if watch else None
     _freeze_startup_objects()
     try:

@@ -27,7 +27,7 @@ import aiohttp
 
 from proxy.config import config_from_dict
 from proxy.server import Server
-from proxy.sim.simulator import Simulator
+from proxy.sim import Simulator
 
 REQUESTS = 10
 MAX_CONCURRENT = 3

@@ -1,4 +1,5 @@
-"""Building both listeners, and the one owner of their life: start, reload, drain, stop.
+"""The composition root: builds both listeners and their parts, and owns their life
+(start, drain, stop). Reloading lives in `proxy.reload`; the server is what it reloads.
 
 Two applications on two runners rather than one app on two sites: the listen
 app's only route is the relay, so an admin path can never be reached through
@@ -8,24 +9,22 @@ the tunnel, whatever the Host header or path tricks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
-import resource
 from collections.abc import AsyncIterator, Coroutine
-from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from proxy.admin import routes as admin
-from proxy.config import RESTART_ONLY, Config, ConfigError, config_warnings, load_config
+from proxy.config import Config, FileStamp
 from proxy.edge import listener
 from proxy.edge.body import defer_expect
 from proxy.edge.handler import LISTENING, Listening, handle
 from proxy.observe import logs
 from proxy.observe.metrics import Metrics
 from proxy.ollama.names import canonical_model
+from proxy.reload import WATCH_INTERVAL, Reloader, ReloadResult, log_config_warnings
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Admission
 from proxy.units import counted, format_duration
@@ -37,8 +36,6 @@ log = logging.getLogger("proxy")
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 #: After the grace, how long cut requests get to write their error and end.
 _CUT_TIMEOUT = 2.0
-#: How often `--watch` looks at the config file.
-WATCH_INTERVAL = 1.0
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -93,9 +90,16 @@ def build_admin_app(state: ProxyState) -> web.Application:
 
 
 class Server:
-    """Both listeners, started and stopped together."""
+    """Both listeners, started and stopped together; the `ConfigTarget` a reload applies to."""
 
-    def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | os.PathLike[str] | None = None,
+        read_at: FileStamp | None = None,
+    ) -> None:
+        """`config_path` is the file a reload re-reads, and `read_at` its stamp when
+        `config` was read from it (`read_config`), the baseline of `watch`."""
         admission = Admission(config.limits, config.access.max_queued_per_key)
         health = UpstreamHealth(config.health, config.upstream.url, admission)
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
@@ -104,7 +108,7 @@ class Server:
         self.state = ProxyState(
             config=config, admission=admission, metrics=metrics, health=health, reload=self.reload
         )
-        self._config_path = config_path
+        self._reloader = Reloader(self, config_path, read_at)
         self._proxy = web.AppRunner(
             build_proxy_app(self.state),
             handler_cancellation=True,
@@ -150,7 +154,7 @@ class Server:
             self.listen_url, self.admin_url, config.metrics.path, config.upstream.url,
             limits.max_concurrent, limits.max_queue, dict(limits.models) or "{}",
         )  # fmt: skip
-        _log_warnings(config)
+        log_config_warnings(config)
 
     async def stop(self) -> None:
         """Drain, then close: refuse new requests with 503 while admitted and queued
@@ -188,118 +192,29 @@ class Server:
         listener.http_log.removeFilter(self._bad_requests)
         log.info("stopped")
 
-    def reload(self) -> list[str]:
-        """Re-read the config file; on any problem keep the old config and say why.
+    @property
+    def config(self) -> Config:
+        return self.state.config
 
-        Limits apply at once (waiting requests keep their place); timeouts,
-        heartbeat, upstream and keys apply to requests that arrive from now on.
-        What is bound when the listeners start is kept and reported.
-        """
-        if self._config_path is None:
-            return ["no config file to reload (the proxy was started without one)"]
-        try:
-            new = load_config(self._config_path)
-        except ConfigError as err:
-            self.state.metrics.reloads.labels("failure").inc()
-            for problem in err.problems:
-                log.error("reload failed, keeping the running config: %s", problem)
-            return err.problems
-        old = self.state.config
-        new, kept = _keep_restart_keys(old, new)
-        for key in kept:
-            log.warning("reload: %s changed; it takes effect only after a restart", key)
-        self.state.config = new
-        logs.reapply(new.log)
-        self.state.admission.configure(new.limits, new.access.max_queued_per_key)
-        self.state.health.configure(new.health, new.upstream.url)
-        self.state.metrics.configure(new.limits.models)
-        self.connections.resize(new.max_connections)  # follows limits.max_queue unless set
-        self.state.metrics.reloads.labels("success").inc()
-        log.info(
-            "config reloaded: max_concurrent=%d max_queue=%d models=%s",
-            new.limits.max_concurrent, new.limits.max_queue, dict(new.limits.models) or "{}",
-        )  # fmt: skip
-        _log_warnings(new)
-        return []
+    def apply(self, config: Config) -> None:
+        """Every part that follows the config takes the reloaded one."""
+        self.state.config = config
+        logs.reapply(config.log)
+        self.state.admission.configure(config.limits, config.access.max_queued_per_key)
+        self.state.health.configure(config.health, config.upstream.url)
+        self.state.metrics.configure(config.limits.models)
+        self.connections.resize(config.max_connections)  # follows limits.max_queue unless set
+
+    def count_reload(self, result: ReloadResult) -> None:
+        self.state.metrics.reloads.labels(result).inc()
+
+    def reload(self) -> list[str]:
+        """Re-read the config file (SIGHUP, POST /-/reload); the problems, empty when applied."""
+        return self._reloader.reload()
 
     def watch(self, interval: float = WATCH_INTERVAL) -> Coroutine[None, None, None]:
-        """Reload whenever the config file changes on disk (`--watch`).
-
-        Polls the file's stat rather than using inotify: no dependency, works on
-        every filesystem, and an editor's write-and-rename is seen as one change.
-        The file as it is now is the baseline, taken before this returns.
-        """
-        assert self._config_path is not None
-        return self._watch(self._config_path, _stamp(self._config_path), interval)
-
-    async def _watch(
-        self, path: str | os.PathLike[str], last: tuple[int, int, int] | None, interval: float
-    ) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            stamp = _stamp(path)
-            if stamp is None or stamp == last:
-                continue  # missing for a moment while an editor replaces it
-            last = stamp
-            log.info("config file changed on disk: reloading %s", os.fspath(path))
-            self.reload()
-
-
-_Section = TypeVar("_Section")
-
-#: File descriptors the process needs besides its connections: logs, the listeners, the upstream pool.
-FD_RESERVE = 64
-
-
-def _log_warnings(config: Config) -> None:
-    """What `check-config` warns about, logged when a config takes effect, and whether this
-    process may open enough files for the connection cap (which `check-config`, run from
-    another shell, cannot know)."""
-    for warning in config_warnings(config):
-        log.warning("config: %s", warning)
-    # Each running request holds two sockets (client, upstream); the rest, a few files.
-    needed = 2 * config.max_connections + FD_RESERVE
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning(
-            "config: listen.max_connections: %d connections need about %d file descriptors, and this "
-            "process may open %d (ulimit -n): past that, accepting fails; raise LimitNOFILE "
-            "or lower listen.max_connections",
-            config.max_connections, needed, soft,
-        )  # fmt: skip
-
-
-def _keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
-    """`new` with the values bound at start put back, and the names of those that differed."""
-    kept: list[str] = []
-    for key in RESTART_ONLY:
-        running = _value(old, key)
-        if _value(new, key) != running:
-            kept.append(key)
-            new = _replaced(new, key, running)
-    return new, kept
-
-
-def _value(config: object, key: str) -> object:
-    for name in key.split("."):
-        config = getattr(config, name)
-    return config
-
-
-def _replaced(config: _Section, key: str, value: object) -> _Section:
-    """`config` with the dotted `key` set to `value`, the sections on the way copied."""
-    name, _, rest = key.partition(".")
-    return dataclasses.replace(
-        config, **{name: _replaced(getattr(config, name), rest, value) if rest else value}
-    )
-
-
-def _stamp(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
+        """Reload whenever the config file changes on disk (`--watch`)."""
+        return self._reloader.watch(interval)
 
 
 def _url(runner: web.AppRunner) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.config import config_from_dict
 from proxy.server import Server
-from proxy.sim.simulator import Simulator
+from proxy.sim import Simulator
 from tests.support import MakeProxy, proxy_config
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from proxy.config import ConfigError, config_from_dict, describe_spool_dir, summary
 from proxy.edge.body import Body
-from proxy.sim.simulator import Simulator
+from proxy.sim import Simulator
 from tests.support import MakeProxy, eventually, hold_the_slot, proxy_config, release, running_proxy
 
 MiB = 1024 * 1024

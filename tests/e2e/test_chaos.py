@@ -7,7 +7,7 @@ is left in flight or queued, no socket of the proxy sits in CLOSE_WAIT, its
 fds are back to idle, every client got its whole answer or exactly one clear
 error, upstream never ran more than the limit, and no request reached it twice.
 
-CI runs a few seeds. `CHAOS_RUNS=50 CHAOS_REQUESTS=300 pytest tests/test_chaos.py -s`
+CI runs a few seeds. `CHAOS_RUNS=50 CHAOS_REQUESTS=300 pytest tests/e2e/test_chaos.py -s`
 runs longer; `CHAOS_SEED=n` replays one seed (odd seeds run `python -m proxy` as
 a process, even seeds a `Server` in this process).
 """
@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import load_config
 from proxy.ollama.names import canonical_model
 from proxy.server import Server
-from proxy.sim.simulator import GARBAGE, GenRecord, Simulator
+from proxy.sim import GARBAGE, GenRecord, Simulator
 from tests.support import ProxyProcess, eventually, proxy_config, running_proxy
 from tests.support.chaos import (
     MAX_BODY,

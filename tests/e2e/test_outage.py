@@ -15,7 +15,7 @@ import aiohttp
 import ollama
 import openai
 
-from proxy.sim.simulator import Simulator
+from proxy.sim import Simulator
 from tests.support import eventually, hold_the_slot, release, sample, scrape
 
 MESSAGES = [{"role": "user", "content": "hello"}]

@@ -22,7 +22,7 @@ import openai
 import pytest
 import pytest_asyncio
 
-from proxy.sim.simulator import Simulator
+from proxy.sim import Simulator
 
 GENERATE = {"model": "llama3.2", "prompt": "why is the sky blue"}
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}]}

@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.sim.simulator import GARBAGE, GenRecord, Simulator
+from proxy.sim import GARBAGE, GenRecord, Simulator
 
 MODELS = ("llama3.2", "big", "small")
 #: A model upstream does not list: Ollama's 404 at once, never a place in the queue.

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from proxy.config import RESTART_ONLY, RequestConfig
+from proxy.config import RESTART_ONLY_KEYS, RequestConfig
 from proxy.edge import listener
 from proxy.edge.listener import CappedSite, ConnectionCap
 from tests.support import eventually
@@ -124,8 +124,8 @@ def _changed(value: object) -> object:
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(RequestConfig)])
 def test_the_parser_limits_aiohttp_is_given_once_are_exactly_the_restart_only_request_keys(name):
     """A request key that `handler_options` reads is bound when the port opens: a reload
-    must keep it (and say so), which it does for the keys `RESTART_ONLY` lists."""
+    must keep it (and say so), which it does for the keys `RESTART_ONLY_KEYS` lists."""
     base = RequestConfig()
     other = dataclasses.replace(base, **{name: _changed(getattr(base, name))})
     bound = listener.handler_options(other) != listener.handler_options(base)
-    assert bound == (f"request.{name}" in RESTART_ONLY)
+    assert bound == (f"request.{name}" in RESTART_ONLY_KEYS)

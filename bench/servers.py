@@ -129,11 +129,13 @@ async def proxy(
     uvloop: bool = False,
     heartbeat: float | None = None,
     env: Mapping[str, str] | None = None,
+    module: str | None = None,
     **limits: object,
 ) -> AsyncIterator[Server]:
     """`python -m proxy` (or under uvloop) with a generated config; logs go to a file.
 
-    `env` is added to the process's environment: a malloc setting or LD_PRELOAD to measure.
+    `env` is added to the process's environment: a malloc setting or LD_PRELOAD to measure;
+    `module` runs another launcher of the proxy instead, e.g. `bench.buffered_proxy`.
     """
     name = "proxy+uvloop" if uvloop else "proxy"
     server = Server(name, free_port(), free_port())
@@ -143,7 +145,7 @@ async def proxy(
     path = workdir / f"{name}-{server.port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = path.with_suffix(".log")
-    command = [sys.executable, "-m", "bench.uvloop_proxy"] if uvloop else [sys.executable, "-m", "proxy"]
+    command = [sys.executable, "-m", module or ("bench.uvloop_proxy" if uvloop else "proxy")]
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
             *command, "--config", str(path), cwd=REPO, stdout=sink, stderr=sink, env={**os.environ, **(env or {})},

@@ -16,7 +16,8 @@ RSS at 5 minutes and at the end, and the least-squares slope from minute 5 on
 
 Variants of the proxy process: `--env NAME=VALUE` (e.g.
 `MALLOC_MMAP_THRESHOLD_=131072`), `--preload LIB` (LD_PRELOAD, e.g. jemalloc),
-`--uvloop` (needs uvloop importable by the proxy, e.g. through `--env PYTHONPATH=...`).
+`--uvloop` (needs uvloop importable by the proxy, e.g. through `--env PYTHONPATH=...`),
+`--buffered` (socket reads into a reused buffer: bench/buffered_proxy.py).
 Run several soaks at once to compare them under the same load on the machine.
 """
 
@@ -61,6 +62,8 @@ class Settings:
     max_requests: int = 1_000_000
     env: dict[str, str] = field(default_factory=dict)
     uvloop: bool = False
+    #: Reads sockets into a reused buffer (bench/buffered_proxy.py) instead of recv(256 KiB).
+    buffered: bool = False
 
 
 @dataclass
@@ -114,7 +117,7 @@ HEADER = f"{'min':>6} {'requests':>9} {'left':>7} {'errors':>6} {'RSS MiB':>8} {
 def row(s: Sample) -> str:
     return (
         f"{s.minutes:6.1f} {s.requests:9d} {s.left:7d} {s.errors:6d} "
-        f"{s.rss / 2**20:8.1f} {s.heap / 2**20:9.1f} {s.fds:5d}"
+        f"{s.rss / 2**20:8.2f} {s.heap / 2**20:9.2f} {s.fds:5d}"
     )
 
 
@@ -137,9 +140,9 @@ def summary(samples: list[Sample]) -> str:
     settled = [s for s in samples if s.minutes >= settle - 1e-9]
     return (
         f"summary: {last.requests} requests ({last.left} left mid-answer, {last.errors} errors) "
-        f"in {last.minutes:.1f} min; RSS {at5.rss / 2**20:.1f} MiB at {at5.minutes:.1f} min, "
-        f"{last.rss / 2**20:.1f} MiB at {last.minutes:.1f} min; slope {slope_kib_per_minute(settled):+.0f} KiB/min "
-        f"from minute {settle:.1f}; heap {at5.heap / 2**20:.1f} -> {last.heap / 2**20:.1f} MiB; "
+        f"in {last.minutes:.1f} min; RSS {at5.rss / 2**20:.2f} MiB at {at5.minutes:.1f} min, "
+        f"{last.rss / 2**20:.2f} MiB at {last.minutes:.1f} min; slope {slope_kib_per_minute(settled):+.0f} KiB/min "
+        f"from minute {settle:.1f}; heap {at5.heap / 2**20:.2f} -> {last.heap / 2**20:.2f} MiB; "
         f"fds {at5.fds} -> {last.fds}"
     )
 
@@ -213,6 +216,7 @@ async def soak(settings: Settings, out: Callable[[str], None] = print) -> list[S
             servers.simulator(work, tokens=settings.tokens, token_delay=settings.token_delay) as sim,
             servers.proxy(
                 f"http://127.0.0.1:{sim.port}", work, uvloop=settings.uvloop, env=settings.env,
+                module="bench.buffered_proxy" if settings.buffered else None,
                 max_concurrent=settings.limit, max_queue=settings.clients * 2,
             ) as proxy,
         ):  # fmt: skip
@@ -255,6 +259,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--preload", metavar="LIB", help="LD_PRELOAD for the proxy, e.g. libjemalloc.so.2")
     parser.add_argument("--uvloop", action="store_true", help="run the proxy on uvloop")
+    parser.add_argument(
+        "--buffered",
+        action="store_true",
+        help="the proxy reads into a reused buffer (bench/buffered_proxy.py)",
+    )
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.env if "=" in item)
     if len(env) != len(args.env):
@@ -263,9 +272,10 @@ def main(argv: list[str]) -> int:
         env["LD_PRELOAD"] = args.preload
     settings = Settings(
         minutes=args.minutes, interval=args.interval, clients=args.clients, limit=args.limit,
-        max_requests=args.max_requests, env=env, uvloop=args.uvloop,
+        max_requests=args.max_requests, env=env, uvloop=args.uvloop, buffered=args.buffered,
     )  # fmt: skip
-    variant = " ".join([*(f"{k}={v}" for k, v in env.items()), *(["uvloop"] if args.uvloop else [])])
+    flags = [name for name in ("uvloop", "buffered") if getattr(args, name)]
+    variant = " ".join([*(f"{k}={v}" for k, v in env.items()), *flags])
     print(
         f"soak: {settings.clients} clients, limit {settings.limit}, 1 in {settings.leave_every} leaving "
         f"mid-answer, {settings.minutes:g} min; proxy: {variant or 'as shipped'}; "

@@ -14,7 +14,7 @@ import pytest
 
 from bench import soak
 
-ROW = re.compile(r"^ *(\d+\.\d) +(\d+) +(\d+) +(\d+) +(\d+\.\d) +(\d+\.\d) +(\d+)$")
+ROW = re.compile(r"^ *(\d+\.\d) +(\d+) +(\d+) +(\d+) +(\d+\.\d\d) +(\d+\.\d\d) +(\d+)$")
 
 
 def test_a_short_soak_prints_rss_and_fds_over_time(capsys: pytest.CaptureFixture[str]):

@@ -6,8 +6,9 @@ asyncio's socket transport calls `recv(256 KiB)` and shrinks the result for an
 protocol is an `asyncio.BufferedProtocol`. aiohttp's protocols are the former
 and offer no switch, so this wraps each of them, server and client side, in a
 BufferedProtocol at the event loop's `create_server`/`create_connection` (a loop
-subclass, public API): each read lands in the connection's own 64 KiB
-bytearray and reaches aiohttp as an exact-size copy. The product does not do
+subclass, public API): every read lands in the loop's one 256 KiB bytearray
+(reads are sequential, and each is copied out before the next) and reaches
+aiohttp as an exact-size copy. The product does not do
 this: it would wrap protocols aiohttp owns, on every read.
 """
 
@@ -19,15 +20,15 @@ from typing import Any
 
 from proxy.cli import main
 
-_BUFFER = 64 * 1024
+_BUFFER = 256 * 1024
 
 
 class Lender(asyncio.BufferedProtocol):
     """Lends the transport one buffer and hands what arrived to the wrapped protocol."""
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
+    def __init__(self, inner: asyncio.Protocol, buffer: bytearray) -> None:
         self.inner = inner
-        self._buffer = bytearray(_BUFFER)
+        self._buffer = buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.inner.connection_made(transport)
@@ -51,19 +52,24 @@ class Lender(asyncio.BufferedProtocol):
         self.inner.resume_writing()
 
 
-def _lending(factory: Any) -> Any:
-    return lambda: Lender(factory())
-
-
 class LendingLoop(asyncio.SelectorEventLoop):
     """A selector loop whose TCP servers and connections read through a `Lender`."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._read_buffer = bytearray(_BUFFER)
+
+    def _lending(self, factory: Any) -> Any:
+        return lambda: Lender(factory(), self._read_buffer)
+
     async def create_connection(self, protocol_factory: Any, *args: Any, **kwargs: Any) -> Any:
-        transport, protocol = await super().create_connection(_lending(protocol_factory), *args, **kwargs)
+        transport, protocol = await super().create_connection(
+            self._lending(protocol_factory), *args, **kwargs
+        )
         return transport, protocol.inner  # aiohttp expects its own protocol back
 
     async def create_server(self, protocol_factory: Any, *args: Any, **kwargs: Any) -> Any:
-        return await super().create_server(_lending(protocol_factory), *args, **kwargs)
+        return await super().create_server(self._lending(protocol_factory), *args, **kwargs)
 
 
 class Policy(asyncio.DefaultEventLoopPolicy):

@@ -77,6 +77,7 @@ class Sample:
     rss: int
     heap: int
     fds: int
+    cpu: float  # user + system seconds since the proxy started
 
 
 @dataclass
@@ -108,16 +109,17 @@ def sample(proc: psutil.Process, started: float, counts: Counts) -> Sample:
         rss=proc.memory_info().rss,
         heap=heap_bytes(proc.pid),
         fds=proc.num_fds(),
+        cpu=sum(proc.cpu_times()[:2]),
     )
 
 
-HEADER = f"{'min':>6} {'requests':>9} {'left':>7} {'errors':>6} {'RSS MiB':>8} {'heap MiB':>9} {'fds':>5}"
+HEADER = f"{'min':>6} {'requests':>9} {'left':>7} {'errors':>6} {'RSS MiB':>8} {'heap MiB':>9} {'fds':>5} {'CPU s':>7}"
 
 
 def row(s: Sample) -> str:
     return (
         f"{s.minutes:6.1f} {s.requests:9d} {s.left:7d} {s.errors:6d} "
-        f"{s.rss / 2**20:8.2f} {s.heap / 2**20:9.2f} {s.fds:5d}"
+        f"{s.rss / 2**20:8.2f} {s.heap / 2**20:9.2f} {s.fds:5d} {s.cpu:7.1f}"
     )
 
 
@@ -143,8 +145,15 @@ def summary(samples: list[Sample]) -> str:
         f"in {last.minutes:.1f} min; RSS {at5.rss / 2**20:.2f} MiB at {at5.minutes:.1f} min, "
         f"{last.rss / 2**20:.2f} MiB at {last.minutes:.1f} min; slope {slope_kib_per_minute(settled):+.0f} KiB/min "
         f"from minute {settle:.1f}; heap {at5.heap / 2**20:.2f} -> {last.heap / 2**20:.2f} MiB; "
-        f"fds {at5.fds} -> {last.fds}"
+        f"fds {at5.fds} -> {last.fds}; CPU {cpu_ms_per_request(at5, last):.2f} ms per request"
     )
+
+
+def cpu_ms_per_request(first: Sample, last: Sample) -> float:
+    """The proxy's CPU per request between two samples (start-up excluded when `first` is after it)."""
+    if last.requests == first.requests:
+        first = Sample(0, 0, 0, 0, 0, 0, 0, 0.0)
+    return (last.cpu - first.cpu) / max(1, last.requests - first.requests) * 1e3
 
 
 class Churn:

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import logs, memory
+from . import logs
 from .app import Server
 from .config import Config, ConfigError, load_config, summary
 from .demo import run_demo
@@ -69,7 +69,6 @@ def serve(path: str, *, watch: bool = False) -> int:
             print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
     logs.setup(config.log)
-    log.info(memory.tune_malloc())
     try:
         return asyncio.run(_serve(config, Path(path), watch))
     except KeyboardInterrupt:  # a second Ctrl-C while draining: stop at once, quietly

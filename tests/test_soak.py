@@ -14,7 +14,7 @@ import pytest
 
 from bench import soak
 
-ROW = re.compile(r"^ *(\d+\.\d) +(\d+) +(\d+) +(\d+) +(\d+\.\d\d) +(\d+\.\d\d) +(\d+)$")
+ROW = re.compile(r"^ *(\d+\.\d) +(\d+) +(\d+) +(\d+) +(\d+\.\d\d) +(\d+\.\d\d) +(\d+) +(\d+\.\d)$")
 
 
 def test_a_short_soak_prints_rss_and_fds_over_time(capsys: pytest.CaptureFixture[str]):
@@ -30,11 +30,12 @@ def test_a_short_soak_prints_rss_and_fds_over_time(capsys: pytest.CaptureFixture
     figures = [tuple(float(x) for x in row.groups()) for row in rows if row]
     assert [f[0] for f in figures] == sorted(f[0] for f in figures)  # minutes go forward
     assert all(f[4] > 10 and f[6] > 0 for f in figures)  # a Python process's RSS, its fds
+    assert figures[-1][7] > 0  # the proxy's CPU seconds
 
     summary = re.fullmatch(
         r"summary: (\d+) requests \((\d+) left mid-answer, 0 errors\) in [\d.]+ min; "
         r"RSS [\d.]+ MiB at [\d.]+ min, [\d.]+ MiB at [\d.]+ min; slope [+-]\d+ KiB/min from minute [\d.]+; "
-        r"heap [\d.]+ -> [\d.]+ MiB; fds \d+ -> \d+",
+        r"heap [\d.]+ -> [\d.]+ MiB; fds \d+ -> \d+; CPU [\d.]+ ms per request",
         lines[-1],
     )
     assert summary, lines[-1]
@@ -45,7 +46,7 @@ def test_a_short_soak_prints_rss_and_fds_over_time(capsys: pytest.CaptureFixture
 
 def test_slope_is_the_least_squares_fit_in_kib_per_minute():
     def at(minutes: float, rss_kib: float) -> soak.Sample:
-        return soak.Sample(minutes, 0, 0, 0, int(rss_kib * 1024), 0, 0)
+        return soak.Sample(minutes, 0, 0, 0, int(rss_kib * 1024), 0, 0, 0.0)
 
     assert soak.slope_kib_per_minute([at(5, 1000), at(10, 1100), at(15, 1200)]) == pytest.approx(20)
     assert soak.slope_kib_per_minute([at(5, 1000)]) == 0

@@ -12,7 +12,7 @@ The simulated Ollama and the proxy run as processes of their own (started by
 the proxy's RSS, the resident part of its glibc main heap (`[heap]` in
 /proc/PID/smaps: the arena that fragments) and its open fds, then a summary:
 RSS at 5 minutes and at the end, and the least-squares slope from minute 5 on
-(a leak is a slope; start-up and warm-up are not).
+and over the second half (a leak keeps its slope; warm-up flattens out).
 
 Variants of the proxy process: `--env NAME=VALUE` (e.g.
 `MALLOC_MMAP_THRESHOLD_=131072`), `--preload LIB` (LD_PRELOAD, e.g. jemalloc),
@@ -140,12 +140,15 @@ def summary(samples: list[Sample]) -> str:
     settle = min(_SETTLE_MINUTES, last.minutes / 2)
     at5 = min(samples, key=lambda s: abs(s.minutes - _SETTLE_MINUTES))
     settled = [s for s in samples if s.minutes >= settle - 1e-9]
+    late = [s for s in samples if s.minutes >= last.minutes / 2 - 1e-9]
     return (
         f"summary: {last.requests} requests ({last.left} left mid-answer, {last.errors} errors) "
         f"in {last.minutes:.1f} min; RSS {at5.rss / 2**20:.2f} MiB at {at5.minutes:.1f} min, "
-        f"{last.rss / 2**20:.2f} MiB at {last.minutes:.1f} min; slope {slope_kib_per_minute(settled):+.0f} KiB/min "
-        f"from minute {settle:.1f}; heap {at5.heap / 2**20:.2f} -> {last.heap / 2**20:.2f} MiB; "
-        f"fds {at5.fds} -> {last.fds}; CPU {cpu_ms_per_request(at5, last):.2f} ms per request"
+        f"{last.rss / 2**20:.2f} MiB at {last.minutes:.1f} min; "
+        f"slope {slope_kib_per_minute(settled):+.0f} KiB/min from minute {settle:.1f}, "
+        f"{slope_kib_per_minute(late):+.0f} over the second half; "
+        f"heap {at5.heap / 2**20:.2f} -> {last.heap / 2**20:.2f} MiB; fds {at5.fds} -> {last.fds}; "
+        f"CPU {cpu_ms_per_request(at5, last):.2f} ms per request"
     )
 
 

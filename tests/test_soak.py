@@ -34,7 +34,8 @@ def test_a_short_soak_prints_rss_and_fds_over_time(capsys: pytest.CaptureFixture
 
     summary = re.fullmatch(
         r"summary: (\d+) requests \((\d+) left mid-answer, 0 errors\) in [\d.]+ min; "
-        r"RSS [\d.]+ MiB at [\d.]+ min, [\d.]+ MiB at [\d.]+ min; slope [+-]\d+ KiB/min from minute [\d.]+; "
+        r"RSS [\d.]+ MiB at [\d.]+ min, [\d.]+ MiB at [\d.]+ min; "
+        r"slope [+-]\d+ KiB/min from minute [\d.]+, [+-]\d+ over the second half; "
         r"heap [\d.]+ -> [\d.]+ MiB; fds \d+ -> \d+; CPU [\d.]+ ms per request",
         lines[-1],
     )

@@ -9,10 +9,11 @@ soon as a real token arrived, which cancels the generation upstream.
 
 The simulated Ollama and the proxy run as processes of their own (started by
 `bench.servers`); the churn runs in this process. Every `interval` it prints
-the proxy's RSS, the resident part of its glibc main heap (`[heap]` in
-/proc/PID/smaps: the arena that fragments) and its open fds, then a summary:
-RSS at 5 minutes and at the end, and the least-squares slope from minute 5 on
-and over the second half (a leak keeps its slope; warm-up flattens out).
+the proxy's RSS, the resident part of glibc's main heap (`[heap]` in
+/proc/PID/smaps: where malloc fragmentation would show), its open fds and CPU
+seconds, then a summary: RSS at 5 minutes and at the end, the least-squares
+slope from minute 5 on and over the second half (a leak keeps its slope;
+warm-up flattens out), and CPU per request.
 
 Variants of the proxy process: `--env NAME=VALUE` (e.g.
 `MALLOC_MMAP_THRESHOLD_=131072`), `--preload LIB` (LD_PRELOAD, e.g. jemalloc),
@@ -160,7 +161,7 @@ def cpu_ms_per_request(first: Sample, last: Sample) -> float:
 
 
 class Churn:
-    """The clients: each sends one streamed chat after another until `stop` or the count is spent."""
+    """The clients: each sends one streamed chat after another until `stopping` or the count is spent."""
 
     def __init__(self, port: int, settings: Settings) -> None:
         self.port = port

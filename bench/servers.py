@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,10 +129,16 @@ async def proxy(
     uvloop: bool = False,
     heartbeat: float | None = None,
     request: dict[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    module: str | None = None,
     **limits: object,
 ) -> AsyncIterator[Server]:
     """`python -m proxy` (or under uvloop) with a generated config; logs go to a file.
-    `request` sets request.* keys."""
+
+    `request` sets request.* keys; `env` is added to the process's environment (a malloc
+    setting or LD_PRELOAD to measure); `module` runs another launcher of the proxy instead,
+    e.g. `bench.buffered_proxy`.
+    """
     name = "proxy+uvloop" if uvloop else "proxy"
     server = Server(name, free_port(), free_port())
     config = proxy_config(upstream, server.port, server.admin_port, **limits)
@@ -143,12 +149,27 @@ async def proxy(
     path = workdir / f"{name}-{server.port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = path.with_suffix(".log")
-    command = [sys.executable, "-m", "bench.uvloop_proxy"] if uvloop else [sys.executable, "-m", "proxy"]
+    command = [sys.executable, "-m", module or ("bench.uvloop_proxy" if uvloop else "proxy")]
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
-            *command, "--config", str(path), cwd=REPO, stdout=sink, stderr=sink
-        )
+            *command, "--config", str(path), cwd=REPO, stdout=sink, stderr=sink, env={**os.environ, **(env or {})},
+        )  # fmt: skip
     async with _running(server, proc, log, server.port, server.admin_port):
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def simulator(workdir: Path, *, tokens: int, token_delay: float) -> AsyncIterator[Server]:
+    """`python -m proxy.sim` in a process of its own, so the proxy's memory is read alone."""
+    server = Server("simulator", free_port())
+    log = workdir / f"simulator-{server.port}.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.sim", "--port", str(server.port),
+            "--tokens", str(tokens), "--token-delay", str(token_delay),
+            cwd=REPO, stdout=sink, stderr=sink,
+        )  # fmt: skip
+    async with _running(server, proc, log, server.port):
         yield server
 
 

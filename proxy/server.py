@@ -27,6 +27,8 @@ from proxy.observe.metrics import Metrics
 from proxy.ollama.classify import canonical_model
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Admission
+from proxy.scheduling.capacity import CapacityLedger
+from proxy.scheduling.policy import SchedulingPolicy
 from proxy.units import counted, format_duration
 from proxy.upstream.health import UpstreamHealth
 
@@ -91,10 +93,21 @@ def build_admin_app(state: ProxyState) -> web.Application:
 
 
 class Server:
-    """Both listeners, started and stopped together."""
+    """Both listeners, started and stopped together.
 
-    def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
-        admission = Admission(config.limits, config.access.max_queued_per_key)
+    `policy` (who waits for a slot goes next) and `ledger` (who counts the slots) are the
+    scheduling seams; by default first-come-first-served and the in-process count.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | os.PathLike[str] | None = None,
+        *,
+        policy: SchedulingPolicy | None = None,
+        ledger: CapacityLedger | None = None,
+    ) -> None:
+        admission = Admission(config.limits, config.access.max_queued_per_key, policy=policy, ledger=ledger)
         health = UpstreamHealth(config.health, config.upstream.url, admission)
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
         metrics.watch(admission)

@@ -65,7 +65,8 @@ class Slot:
 
     def __repr__(self) -> str:
         place = self.position()
-        state = "held" if place is None else f"waiting {place[0]} of {place[1]}"
+        state = "outside" if place is None else f"waiting {place[0]} of {place[1]}"
+        state = "running" if self.admitted_at is not None else state
         return f"<Slot {self.model} client={self.client!r} {state} waited={self.waited:.3f}s>"
 
     async def __aenter__(self) -> Slot:
@@ -139,6 +140,8 @@ class Admission:
         #: The dispatch pass waiting for the ledger's answer, if any; `_again` asks it to start over.
         self._pass: asyncio.Task[None] | None = None
         self._again = False
+        #: Counts room reports, so a newcomer refused by a later answer knows if it missed one.
+        self._room_reports = 0
         #: Slots given back to a ledger that answers later: kept so the tasks are not collected.
         self._returns: set[asyncio.Future[None]] = set()
         self._ledger.on_room(self._dispatch)
@@ -248,6 +251,7 @@ class Admission:
 
     async def acquire(self, waiter: Waiter) -> None:
         """Return holding a slot for `waiter`: at once if there is room, else after waiting."""
+        reports = self._room_reports
         if not self._paused:
             answer = self._ledger.take(waiter.claim)
             if answer if isinstance(answer, bool) else await self._answer(waiter.claim, answer):
@@ -256,6 +260,8 @@ class Admission:
         self._queue.check_room(waiter.claim, lambda: self.retry_after(waiter.claim.model))
         waiter.future = asyncio.get_running_loop().create_future()
         self._queue.add(waiter)
+        if self._room_reports != reports:
+            self._dispatch()  # room appeared while the ledger answered: that pass could not see this waiter
         await self._wait(waiter)
 
     def release(self, waiter: Waiter) -> None:
@@ -324,6 +330,7 @@ class Admission:
 
     def _dispatch(self) -> None:
         """Start a pass over the waiters (or, while one waits for the ledger, have it start over)."""
+        self._room_reports += 1
         if self._pass is not None:
             self._again = True
             return

@@ -160,6 +160,21 @@ async def test_a_refusal_passes_the_waiter_over_without_stopping_the_pass():
     assert ledger.taken == 0 and admission.waiting_total == 0
 
 
+async def test_a_newcomer_refused_late_sees_room_that_appeared_meanwhile():
+    ledger = ScriptedLedger()
+    admission = Admission(limits(), ledger=ledger)
+    holder = await holding_one(ledger, admission)
+    newcomer = asyncio.create_task(entered(admission.slot("m", "newcomer")))
+    await until(lambda: bool(ledger.pending))  # its take is on the way...
+    await holder.__aexit__(None, None, None)  # ...when room appears, with nobody queued to take it
+    await ledger.answer(False)  # the answer predates the room
+    await ledger.answer(True)  # so, queued, it is offered the room at once
+    slot = await newcomer
+    assert ledger.granted == ["holder", "newcomer"]
+    await slot.__aexit__(None, None, None)
+    assert ledger.taken == 0
+
+
 async def test_a_newcomer_cancelled_while_its_take_is_pending_leaks_nothing():
     ledger = ScriptedLedger()
     admission = Admission(limits(), ledger=ledger)

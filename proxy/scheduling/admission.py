@@ -43,7 +43,7 @@ from proxy.scheduling.queue import WaitQueue
 from proxy.scheduling.waiter import Waiter
 from proxy.units import counted, format_duration
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.scheduling")
 
 #: How long a slot is taken to be held until a request has finished to learn from.
 _DEFAULT_HOLD = 10.0

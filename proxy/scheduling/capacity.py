@@ -63,7 +63,7 @@ class CapacityLedger(Protocol):
         ...
 
     def configure(self, limits: LimitsConfig) -> None:
-        """Apply new limits; slots already taken stay taken."""
+        """Apply new limits (slots already taken stay taken), then report room: they may have risen."""
         ...
 
 

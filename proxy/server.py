@@ -27,6 +27,8 @@ from proxy.ollama.names import canonical_model
 from proxy.reload import WATCH_INTERVAL, Reloader, ReloadResult, log_config_warnings
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Admission
+from proxy.scheduling.capacity import CapacityLedger
+from proxy.scheduling.policy import SchedulingPolicy
 from proxy.units import counted, format_duration
 from proxy.upstream.health import UpstreamHealth
 
@@ -90,17 +92,24 @@ def build_admin_app(state: ProxyState) -> web.Application:
 
 
 class Server:
-    """Both listeners, started and stopped together; the `ConfigTarget` a reload applies to."""
+    """Both listeners, started and stopped together; the `ConfigTarget` a reload applies to.
+
+    `policy` (who waits for a slot goes next) and `ledger` (who counts the slots) are the
+    scheduling seams; by default first-come-first-served and the in-process count.
+    """
 
     def __init__(
         self,
         config: Config,
         config_path: str | os.PathLike[str] | None = None,
         read_at: FileStamp | None = None,
+        *,
+        policy: SchedulingPolicy | None = None,
+        ledger: CapacityLedger | None = None,
     ) -> None:
         """`config_path` is the file a reload re-reads, and `read_at` its stamp when
         `config` was read from it (`read_config`), the baseline of `watch`."""
-        admission = Admission(config.limits, config.access.max_queued_per_key)
+        admission = Admission(config.limits, config.access.max_queued_per_key, policy=policy, ledger=ledger)
         health = UpstreamHealth(config.health, config.upstream.url, admission)
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
         metrics.watch(admission)

@@ -19,7 +19,6 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.ollama.names import canonical_model
 from proxy.runtime import STATE
 from proxy.scheduling.admission import Admission
 
@@ -30,28 +29,27 @@ _NO_STORE = {"Cache-Control": "no-store"}
 def snapshot(admission: Admission, draining: bool, now: float) -> dict[str, Any]:
     """The queue as JSON-ready data, every age measured against `now` (loop time)."""
     limits = admission.limits
-    caps = {canonical_model(name): cap for name, cap in limits.models.items()}
     models: dict[str, dict[str, Any]] = {
-        key: {"limit": cap, "running": [], "waiting": []} for key, cap in caps.items()
+        model: {"limit": cap, "running": [], "waiting": []} for model, cap in admission.caps.items()
     }
 
-    def model(key: str) -> dict[str, Any]:
-        entry = models.get(key)
+    def model(name: str) -> dict[str, Any]:
+        entry = models.get(name)
         if entry is None:
-            entry = models[key] = {"limit": None, "running": [], "waiting": []}
+            entry = models[name] = {"limit": None, "running": [], "waiting": []}
         return entry
 
     running = admission.running()
-    for slot in running:
-        admitted = slot.admitted_at if slot.admitted_at is not None else now
-        model(slot.key)["running"].append(
-            {"age": _ms(now - admitted), "waited": _ms(admitted - slot.enqueued_at), "owner": slot.owner}
+    for held in running:
+        admitted = held.admitted_at if held.admitted_at is not None else now
+        model(held.model)["running"].append(
+            {"age": _ms(now - admitted), "waited": _ms(admitted - held.enqueued_at), "owner": held.client}
         )
     queue: list[dict[str, Any]] = []
-    for position, slot in enumerate(admission.waiting(), 1):
-        age = _ms(now - slot.enqueued_at)
-        model(slot.key)["waiting"].append({"position": position, "age": age, "owner": slot.owner})
-        queue.append({"position": position, "model": slot.key, "age": age, "owner": slot.owner})
+    for position, waiter in enumerate(admission.waiting(), 1):
+        age = _ms(now - waiter.enqueued_at)
+        model(waiter.model)["waiting"].append({"position": position, "age": age, "owner": waiter.client})
+        queue.append({"position": position, "model": waiter.model, "age": age, "owner": waiter.client})
     return {
         "limits": {
             "max_concurrent": limits.max_concurrent,
@@ -61,7 +59,8 @@ def snapshot(admission: Admission, draining: bool, now: float) -> dict[str, Any]
         },
         "running": len(running),
         "waiting": len(queue),
-        "oldest_wait": queue[0]["age"] if queue else 0.0,
+        # The longest wait, whatever order the policy serves the queue in.
+        "oldest_wait": max((entry["age"] for entry in queue), default=0.0),
         "draining": draining,
         "models": dict(sorted(models.items())),
         "queue": queue,

@@ -12,7 +12,7 @@ moment and cannot drift through a missed decrement.
 from __future__ import annotations
 
 from collections import Counter as CounterType
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -65,6 +65,8 @@ class QueueState(Protocol):
     def max_concurrent(self) -> int: ...
     @property
     def limits(self) -> LimitsConfig: ...
+    @property
+    def caps(self) -> Mapping[str, int]: ...
 
 
 class ConnectionCounts(Protocol):
@@ -287,9 +289,7 @@ class _QueueCollector:
             "ollama_proxy_queue_limit", "Per-model cap on requests running upstream (limits.models)",
             labels=["model"],
         )  # fmt: skip
-        by_label = {
-            self._label(canonical_model(name)): cap for name, cap in self._queue.limits.models.items()
-        }
+        by_label = {self._label(model): cap for model, cap in self._queue.caps.items()}
         by_label.pop("other", None)  # a cap is one model's; past the label bound there is no name to show
         for label, cap in sorted(by_label.items()):
             caps.add_metric([label], cap)

@@ -1,0 +1,62 @@
+"""Who goes next: the scheduling policy, and first-come-first-served as its one implementation.
+
+The policy only orders the waiters; it never counts slots (the capacity
+ledger does) and never times anyone out (the queue keeps its own arrival
+order for deadlines). The dispatcher offers the ledger each waiter in the
+policy's order, so a waiter whose model is at its cap is passed over without
+blocking those behind it, whatever the order. The same order gives the queue
+positions that keep-alive frames and the queue page show.
+
+Priorities and fair share (interface part two, "Who goes first") will be a
+second implementation: they reorder in `added`, and charge a client's cost
+when its waiter is `admitted`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from proxy.scheduling.waiter import ArrivalOrder, Waiter
+
+
+class SchedulingPolicy(Protocol):
+    """Orders the waiters; told of every arrival and departure."""
+
+    def added(self, waiter: Waiter) -> None:
+        """`waiter` joined the queue (or came back to it, keeping its arrival)."""
+        ...
+
+    def removed(self, waiter: Waiter) -> None:
+        """`waiter` left the queue without running: cancelled, timed out or failed."""
+        ...
+
+    def admitted(self, waiter: Waiter) -> None:
+        """`waiter` left the queue to run: where a policy charges its client."""
+        ...
+
+    def order(self) -> Iterable[Waiter]:
+        """The waiters, the one to go first first."""
+        ...
+
+
+class Fifo:
+    """First come, first served: arrival order, a request sent back keeping its place."""
+
+    def __init__(self) -> None:
+        self._waiters = ArrivalOrder()
+
+    def __repr__(self) -> str:
+        return f"<Fifo waiting={len(self._waiters)}>"
+
+    def added(self, waiter: Waiter) -> None:
+        self._waiters.add(waiter)
+
+    def removed(self, waiter: Waiter) -> None:
+        self._waiters.discard(waiter)
+
+    def admitted(self, waiter: Waiter) -> None:
+        self._waiters.discard(waiter)
+
+    def order(self) -> Iterable[Waiter]:
+        return self._waiters

@@ -86,3 +86,48 @@ def test_an_upward_import_is_seen_however_it_is_written(source: str):
 
 def test_a_sibling_with_a_similar_name_is_not_upward():
     assert not any(_within(name, UPPER) for name in _imported("import proxy.edgeworks", "proxy.upstream"))
+
+
+#: Every layer's height: a module may import only from layers strictly lower than its own
+#: (or from its own package). The order docs/architecture.md draws, held here so it stays true.
+HEIGHT = {
+    "__main__": 10,
+    "cli": 9,
+    "demo": 8,
+    "server": 7,
+    "reload": 6,
+    "admin": 6,
+    "edge": 6,
+    "runtime": 5,
+    "scheduling": 4,
+    "upstream": 4,
+    "observe": 3,
+    "config": 2,
+    "sim": 2,
+    "ollama": 1,
+    "units": 0,
+    "errors": 0,
+}
+
+
+def _layer(name: str) -> str:
+    return name.split(".")[1]
+
+
+ALL_MODULES = sorted(p for p in PACKAGE.rglob("*.py") if _module(p) != "proxy")
+
+
+def test_every_layer_has_a_height():
+    assert {_layer(_module(p)) for p in ALL_MODULES} == set(HEIGHT)
+
+
+@pytest.mark.parametrize("path", ALL_MODULES, ids=_module)
+def test_every_import_goes_down_the_layers(path: Path):
+    own = _layer(_module(path))
+    upward = sorted(
+        name
+        for name in _imports(path)
+        if name.startswith("proxy.") and _layer(name) in HEIGHT and _layer(name) != own
+        if HEIGHT[_layer(name)] >= HEIGHT[own]
+    )
+    assert not upward, f"{_module(path)} ({own}) imports {upward}: imports go down the layers"

@@ -7,9 +7,10 @@ policy's order, so a waiter whose model is at its cap is passed over without
 blocking those behind it, whatever the order. The same order gives the queue
 positions that keep-alive frames and the queue page show.
 
-Priorities and fair share (interface part two, "Who goes first") will be a
-second implementation: they reorder in `added`, and charge a client's cost
-when its waiter is `admitted`.
+Priorities and fair share (interface part two, "Who goes first") are the
+second implementation, `fair.FairShare`: it reorders in `added`, and charges a
+party's cost when its waiter is `admitted` (`cost: requests`) or as its answer
+streams (`charge`, then `settle` from the final counts).
 """
 
 from __future__ import annotations
@@ -36,7 +37,19 @@ class SchedulingPolicy(Protocol):
         ...
 
     def order(self) -> Iterable[Waiter]:
-        """The waiters, the one to go first first."""
+        """The waiters, the one to go first first.
+
+        May be consumed lazily by a dispatch pass that grants (and so removes)
+        waiters as it goes: it must stay valid while the queue changes.
+        """
+        ...
+
+    def charge(self, waiter: Waiter, cost: float) -> None:
+        """`waiter` (running) has cost `cost` more, as its answer streams."""
+        ...
+
+    def settle(self, waiter: Waiter, total: float | None) -> None:
+        """`waiter` finished; `total` is what it cost as upstream counted it, if known."""
         ...
 
 
@@ -59,4 +72,10 @@ class Fifo:
         self._waiters.discard(waiter)
 
     def order(self) -> Iterable[Waiter]:
-        return self._waiters
+        return list(self._waiters)  # a copy: a dispatch pass removes waiters as it walks
+
+    def charge(self, waiter: Waiter, cost: float) -> None:
+        """First come, first served counts nothing."""
+
+    def settle(self, waiter: Waiter, total: float | None) -> None:
+        """First come, first served counts nothing."""

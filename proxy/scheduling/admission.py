@@ -38,6 +38,7 @@ from proxy.config import PRIORITIES, LimitsConfig
 from proxy.errors import ProxyError, QueueTimeout
 from proxy.ollama.names import canonical_model
 from proxy.scheduling.capacity import CapacityLedger, Claim, LocalLedger
+from proxy.scheduling.fair import FairShare
 from proxy.scheduling.policy import Fifo, SchedulingPolicy
 from proxy.scheduling.queue import WaitQueue
 from proxy.scheduling.waiter import Waiter
@@ -269,6 +270,10 @@ class Admission:
 
     def waiting_by_model(self) -> Counter[str]:
         return self._queue.by_model()
+
+    def counters(self) -> dict[str, float]:
+        """Each waiting client's fair-share counter (none under first come, first served)."""
+        return self._policy.counters() if isinstance(self._policy, FairShare) else {}
 
     def waiting_by_priority(self) -> dict[str, int]:
         """Requests waiting by priority name, every priority present (a walk: for scrapes and pages)."""

@@ -117,7 +117,7 @@ class FairShare:
     def admitted(self, waiter: Waiter) -> None:
         self._leave(waiter)
         if self._cost == "requests":
-            self._add(waiter.party, 1.0)
+            self._add(waiter.party, 1.0 / self._weight(waiter.party))
             waiter.charged += 1.0
 
     def charge(self, waiter: Waiter, cost: float) -> None:

@@ -309,6 +309,7 @@ class Admission:
             answer = self._ledger.take(waiter.claim)
             if answer if isinstance(answer, bool) else await self._answer(waiter.claim, answer):
                 self._hold(waiter)
+                self._policy.admitted(waiter)  # never queued, but it runs: charged like any other
                 return
         self._queue.check_room(waiter.claim, lambda: self.retry_after(waiter.claim.model))
         waiter.future = asyncio.get_running_loop().create_future()

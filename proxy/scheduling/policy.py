@@ -33,14 +33,16 @@ class SchedulingPolicy(Protocol):
         ...
 
     def admitted(self, waiter: Waiter) -> None:
-        """`waiter` left the queue to run: where a policy charges its client."""
+        """`waiter` runs (it left the queue, or found room on arrival and never joined it):
+        where a policy charges its client."""
         ...
 
     def order(self) -> Iterable[Waiter]:
         """The waiters, the one to go first first.
 
-        May be consumed lazily by a dispatch pass that grants (and so removes)
-        waiters as it goes: it must stay valid while the queue changes.
+        A generator is consumed lazily by a dispatch pass that grants (and so
+        removes) waiters as it goes, even across the ledger's awaits: it must stay
+        valid while the queue changes. Any other iterable is copied first.
         """
         ...
 
@@ -72,7 +74,7 @@ class Fifo:
         self._waiters.discard(waiter)
 
     def order(self) -> Iterable[Waiter]:
-        return list(self._waiters)  # a copy: a dispatch pass removes waiters as it walks
+        return self._waiters
 
     def charge(self, waiter: Waiter, cost: float) -> None:
         """First come, first served counts nothing."""

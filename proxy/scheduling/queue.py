@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 
 from proxy.config import LimitsConfig
 from proxy.errors import OwnerQueueFull, QueueFull
@@ -118,8 +118,14 @@ class WaitQueue:
         return list(self._policy.order())
 
     def candidates(self) -> Iterator[Waiter]:
-        """The waiters in the policy's order, lazily: for a dispatch pass that may stop early."""
-        return iter(self._policy.order())
+        """The waiters in the policy's order, for a dispatch pass that may stop early.
+
+        A generator is consumed lazily (the policy promises it stays valid while the
+        queue changes, as `FairShare.order` does); any other iterable, which may be a
+        live view of a dict, is copied first.
+        """
+        order = self._policy.order()
+        return order if isinstance(order, Generator) else iter(list(order))
 
     def in_arrival_order(self) -> list[Waiter]:
         return list(self._arrivals)

@@ -26,7 +26,7 @@ def key_of(entry: object) -> object:
 
 def _count(value: object, path: str, problems: list[str]) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        problems.append(f"{path}: must be a whole number, 0 or more (got {kind_of(value)} {value!r})")
+        problems.append(f"{path}: must be a whole number, 0 or more (got {value!r})")
         return None
     return value
 

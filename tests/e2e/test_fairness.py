@@ -204,3 +204,26 @@ async def test_a_reload_keeps_waiters_places_and_counters(sim, make_proxy, http,
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_cost_charged_is_ollamas_final_count(sim, make_proxy, http, stream):
+    proxy = await make_proxy(access=ACCESS)
+    sim.tokens = 7
+    body = {"model": "llama3.2", "prompt": "count me", "stream": stream}
+    async with http.post(proxy.listen_url + "/api/generate", json=body, headers=bearer("light")) as resp:
+        lines = [json.loads(line) for line in (await resp.read()).splitlines() if line.strip()]
+    final = lines[-1]
+    expected = final["prompt_eval_count"] + final["eval_count"]
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_client_cost_total", client="light") == expected
+
+
+async def test_cost_requests_charges_one_per_request(sim, make_proxy, http):
+    proxy = await make_proxy(access=ACCESS, scheduling={"cost": "requests"})
+    for _ in range(3):
+        body = {"model": "llama3.2", "prompt": "x", "stream": True}
+        async with http.post(proxy.listen_url + "/api/generate", json=body, headers=bearer("flood")) as resp:
+            await resp.read()
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_client_cost_total", client="flood") == 3

@@ -9,10 +9,11 @@ had nothing waiting starts at the lowest counter among those waiting, so idling
 banks no credit. With one party (or `fairness: none`) this is arrival order.
 
 Cost: why it is cheap. Waiters live in one line per (priority, party), oldest
-first; `order` merges the lines with a heap of their heads, lazily, so a
-dispatch pass that stops after one grant costs O(parties) to heapify, not a
-sort of every waiter. Removal is lazy (a waiter leaves the index; its line
-skips it), so it is O(1). The floor (lowest waiting counter) is a lazy heap too:
+first; a heap of the lines' heads per priority is kept between passes and
+corrected lazily, and `order` merges the lines from a copy of it, lazily, so a
+dispatch pass that stops after one grant costs a copy and a few heap steps,
+not a sort of every waiter. Removal is lazy (a waiter leaves the index; its
+line skips it), so it is O(1). The floor (lowest waiting counter) is a lazy heap too:
 counters only grow while their party waits, so a stale entry is only ever too
 low, and is fixed when it reaches the top.
 
@@ -32,6 +33,7 @@ import heapq
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from proxy.config import PRIORITIES, Config
 from proxy.scheduling.waiter import Waiter
@@ -66,6 +68,8 @@ class FairShare:
         self._forget_after = forget_after
         self._max_idle = max_idle
         self._lines: tuple[dict[str, _Line], ...] = ({}, {}, {})
+        #: Per priority, a heap of (counter, head's arrival, party), fixed lazily (`_true_top`).
+        self._heads: tuple[list[tuple[float, int, str]], ...] = ([], [], [])
         self._where: dict[Waiter, _Line] = {}
         self._waiting: Counter[str] = Counter()
         self._counter: dict[str, float] = {}
@@ -108,6 +112,8 @@ class FairShare:
             line.waiters.append(waiter)
         line.live += 1
         self._where[waiter] = line
+        if line.waiters[line.head] is waiter:  # a new head: the kept heap must know its key
+            heapq.heappush(self._heads[waiter.priority], (self._counter[party], waiter.arrival, party))
         self._touch(party)
         self._forget()
 
@@ -136,20 +142,35 @@ class FairShare:
             self._mean_cost = 0.9 * self._mean_cost + 0.1 * waiter.charged
 
     def order(self) -> Iterator[Waiter]:
-        """The waiters, first to go first; lazy, and safe while the queue changes under it."""
+        """The waiters, first to go first; lazy, and safe while the queue changes under it.
+
+        Per priority: a copy of the lines' heads heap (kept between calls, its top made
+        true first), from which a party's entry, once true, is expanded into its
+        waiters, each later one keyed one average request further on.
+        """
         step = 1.0 if self._cost == "requests" else self._mean_cost
-        for lines in self._lines:
-            heap = []
-            for party, line in lines.items():
-                index = self._next(line, line.waiters, line.head)
-                if index is not None:
-                    counter = self._counter.get(party, 0.0)
-                    heap.append((counter, line.waiters[index].arrival, party, line, line.waiters, index))
-            heapq.heapify(heap)
+        where = self._where
+        for rank, lines in enumerate(self._lines):
+            heap: list[tuple[Any, ...]] = list(self._true_top(rank))
+            expanded: set[str] = set()
             while heap:
-                key, _, party, line, waiters, index = heap[0]
+                entry = heap[0]
+                if len(entry) == 3:  # a head from the kept heap: check it, then expand it
+                    counter, arrival, party = entry
+                    true = None if party in expanded else self._head_key(lines, party)
+                    if true is None:
+                        heapq.heappop(heap)
+                    elif true != (counter, arrival):
+                        heapq.heapreplace(heap, (*true, party))
+                    else:
+                        expanded.add(party)
+                        line = lines[party]
+                        index = self._next(line, line.waiters, line.head)
+                        heapq.heapreplace(heap, (counter, arrival, party, line, line.waiters, index))
+                    continue
+                key, _, party, line, waiters, index = entry
                 waiter = waiters[index]
-                if self._where.get(waiter) is line:
+                if where.get(waiter) is line:
                     yield waiter
                 after = self._next(line, waiters, index + 1)
                 if after is None:
@@ -191,6 +212,37 @@ class FairShare:
         return len(self._counter)
 
     # -- inside -----------------------------------------------------------------------
+
+    def _head_key(self, lines: dict[str, _Line], party: str) -> tuple[float, int] | None:
+        """(counter, arrival of its oldest waiter) of `party`'s line; None if it has none."""
+        line = lines.get(party)
+        index = None if line is None else self._next(line, line.waiters, line.head)
+        if line is None or index is None:
+            return None
+        return self._counter.get(party, 0.0), line.waiters[index].arrival
+
+    def _true_top(self, rank: int) -> list[tuple[float, int, str]]:
+        """The kept heads heap of priority `rank`, its top entry made true.
+
+        Entries are pushed when a line gains a head and fixed lazily: a counter
+        only grows while its party waits and a head only gets younger, so a
+        stale entry is too low and is corrected when it comes to the top. Rebuilt
+        from the lines when dead entries outnumber the live ones.
+        """
+        heap, lines = self._heads[rank], self._lines[rank]
+        if len(heap) > 2 * len(lines) + 64:
+            heap[:] = [(*key, party) for party in lines if (key := self._head_key(lines, party)) is not None]
+            heapq.heapify(heap)
+        while heap:
+            counter, arrival, party = heap[0]
+            true = self._head_key(lines, party)
+            if true is None:
+                heapq.heappop(heap)
+            elif true != (counter, arrival):
+                heapq.heapreplace(heap, (*true, party))
+            else:
+                break
+        return heap
 
     def _weight(self, party: str) -> float:
         return self._weights.get(party, 1.0)

@@ -28,6 +28,7 @@ from proxy.reload import WATCH_INTERVAL, Reloader, ReloadResult, log_config_warn
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Admission
 from proxy.scheduling.capacity import CapacityLedger
+from proxy.scheduling.fair import FairShare, fair_share, per_key_bounds, weights_of
 from proxy.scheduling.policy import SchedulingPolicy
 from proxy.units import counted, format_duration
 from proxy.upstream.health import UpstreamHealth
@@ -95,7 +96,8 @@ class Server:
     """Both listeners, started and stopped together; the `ConfigTarget` a reload applies to.
 
     `policy` (who waits for a slot goes next) and `ledger` (who counts the slots) are the
-    scheduling seams; by default first-come-first-served and the in-process count.
+    scheduling seams; by default the fair share `scheduling` configures (first come, first
+    served while one client waits) and the in-process count.
     """
 
     def __init__(
@@ -109,7 +111,9 @@ class Server:
     ) -> None:
         """`config_path` is the file a reload re-reads, and `read_at` its stamp when
         `config` was read from it (`read_config`), the baseline of `watch`."""
+        policy = fair_share(config) if policy is None else policy
         admission = Admission(config.limits, config.access.max_queued_per_key, policy=policy, ledger=ledger)
+        self._configure_scheduling(admission, config)
         health = UpstreamHealth(config.health, config.upstream.url, admission)
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
         metrics.watch(admission)
@@ -209,10 +213,20 @@ class Server:
         """Every part that follows the config takes the reloaded one."""
         self.state.config = config
         logs.reapply(config.log)
-        self.state.admission.configure(config.limits, config.access.max_queued_per_key)
+        self._configure_scheduling(self.state.admission, config)
         self.state.health.configure(config.health, config.upstream.url)
         self.state.metrics.configure(config.limits.models)
         self.connections.resize(config.max_connections)  # follows limits.max_queue unless set
+
+    @staticmethod
+    def _configure_scheduling(admission: Admission, config: Config) -> None:
+        """Limits, per-key bounds and the fair share's cost and weights; waiters keep their places."""
+        queued, running = per_key_bounds(config)
+        admission.configure(
+            config.limits, config.access.max_queued_per_key, max_queued=queued, max_running=running
+        )
+        if isinstance(admission.policy, FairShare):
+            admission.policy.configure(cost=config.scheduling.cost, weights=weights_of(config))
 
     def count_reload(self, result: ReloadResult) -> None:
         self.state.metrics.reloads.labels(result).inc()

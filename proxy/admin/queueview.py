@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.config import PRIORITIES
 from proxy.runtime import STATE
 from proxy.scheduling.admission import Admission
 
@@ -49,7 +50,17 @@ def snapshot(admission: Admission, draining: bool, now: float) -> dict[str, Any]
     for position, waiter in enumerate(admission.waiting(), 1):
         age = _ms(now - waiter.enqueued_at)
         model(waiter.model)["waiting"].append({"position": position, "age": age, "owner": waiter.client})
-        queue.append({"position": position, "model": waiter.model, "age": age, "owner": waiter.client})
+        queue.append(
+            {
+                "position": position,
+                "model": waiter.model,
+                "age": age,
+                "owner": waiter.client,
+                # Who it shares the slots as (scheduling.fairness), and its priority.
+                "client": waiter.party,
+                "priority": PRIORITIES[waiter.priority],
+            }
+        )
     return {
         "limits": {
             "max_concurrent": limits.max_concurrent,
@@ -64,6 +75,9 @@ def snapshot(admission: Admission, draining: bool, now: float) -> dict[str, Any]
         "draining": draining,
         "models": dict(sorted(models.items())),
         "queue": queue,
+        # Each waiting client's counter (service / weight): the lowest goes next within a priority.
+        "clients": {party: round(counter, 3) for party, counter in admission.counters().items()},
+        "by_priority": admission.waiting_by_priority(),
     }
 
 

@@ -8,6 +8,7 @@ and `summary` is what `check-config` prints.
 
 from proxy.config.load import FileStamp, load_config, read_config, stamp
 from proxy.config.schema import (
+    PRIORITIES,
     RESTART_ONLY_KEYS,
     AccessConfig,
     AdminConfig,
@@ -16,11 +17,13 @@ from proxy.config.schema import (
     HealthConfig,
     HeartbeatConfig,
     IPNetwork,
+    KeyProfile,
     LimitsConfig,
     ListenConfig,
     LogConfig,
     MetricsConfig,
     RequestConfig,
+    SchedulingConfig,
     TimeoutsConfig,
     UpstreamConfig,
 )
@@ -28,6 +31,7 @@ from proxy.config.summary import config_warnings, describe_spool_dir, summary
 from proxy.config.validate import config_from_dict
 
 __all__ = [
+    "PRIORITIES",
     "RESTART_ONLY_KEYS",
     "AccessConfig",
     "AdminConfig",
@@ -37,11 +41,13 @@ __all__ = [
     "HealthConfig",
     "HeartbeatConfig",
     "IPNetwork",
+    "KeyProfile",
     "LimitsConfig",
     "ListenConfig",
     "LogConfig",
     "MetricsConfig",
     "RequestConfig",
+    "SchedulingConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
     "config_from_dict",

@@ -136,6 +136,35 @@ class LogConfig:
     format: str = "text"
 
 
+PRIORITIES = ("high", "normal", "low")
+FAIRNESS_MODES = ("key", "ip", "none")  # and "header:NAME"
+COSTS = ("tokens", "requests")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyProfile:
+    """How one key's requests are scheduled: the long form of an `access.keys` entry."""
+
+    priority: str = "normal"
+    #: Its share of the slots within its priority, against other clients' weights.
+    weight: float = 1.0
+    #: Requests it may have waiting; None follows `access.max_queued_per_key`.
+    max_queued: int | None = None
+    #: Its requests running at once; 0 means no cap of its own.
+    max_running: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingConfig:
+    """Who goes first: strict priorities, and a fair share within each by tokens or requests."""
+
+    #: key, ip, header:NAME or none: who shares the slots fairly.
+    fairness: str = "key"
+    cost: str = "tokens"
+    #: A request may lower its own priority with this header; "" ignores it.
+    priority_header: str = "X-Priority"
+
+
 @dataclass(frozen=True, slots=True)
 class AccessConfig:
     """Who may use the listen port, and for what.
@@ -149,6 +178,8 @@ class AccessConfig:
     keys: Mapping[str, str] = field(default_factory=empty_mapping, repr=False)
     keys_file: str = ""
     max_queued_per_key: int = 0
+    #: Scheduling settings of the keys given in the long form, by key name (the others: defaults).
+    profiles: Mapping[str, KeyProfile] = field(default_factory=empty_mapping)
     #: Browser origins allowed to call: "default" (Ollama's own list), "*", "null", or scheme://host[:port].
     cors_origins: tuple[str, ...] = ("default",)
 
@@ -176,6 +207,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     shutdown_grace: float = 30.0
     health: HealthConfig = field(default_factory=HealthConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
     @property
     def max_connections(self) -> int:

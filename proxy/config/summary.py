@@ -48,6 +48,20 @@ def _describe_keys(access: AccessConfig) -> str:
     return f"{len(access.keys)} ({', '.join(access.keys)}){per_key}"
 
 
+def _describe_scheduling(config: Config) -> str:
+    """One row: who shares fairly, by what, the header, and the keys that differ from the defaults."""
+    scheduling = config.scheduling
+    header = f"{scheduling.priority_header} may lower" if scheduling.priority_header else "no priority header"
+    shown = []
+    for name, p in config.access.profiles.items():
+        caps = (f" queued<={p.max_queued}" if p.max_queued is not None else "") + (
+            f" running<={p.max_running}" if p.max_running else ""
+        )
+        shown.append(f"{name}: {p.priority} x{p.weight:g}{caps}")
+    keys = f"; {', '.join(shown)}" if shown else ""
+    return f"fairness {scheduling.fairness}, cost {scheduling.cost}, {header}{keys}"
+
+
 def _describe_origins(origins: tuple[str, ...]) -> str:
     if not origins:
         return "none (every cross-origin browser request gets 403)"
@@ -99,7 +113,8 @@ def summary(config: Config) -> str:
         ),
         ("log", f"{config.log.format}, level {config.log.level}"),
         ("access.admin_endpoints", config.access.admin_endpoints),
-        ("access.keys", _describe_keys(config.access)),
+        # One row for both, so the summary stays one screen: the keys and how they share the slots.
+        ("access.keys, scheduling", f"{_describe_keys(config.access)}; {_describe_scheduling(config)}"),
         ("access.cors_origins", _describe_origins(config.access.cors_origins)),
         ("shutdown_grace", format_duration(config.shutdown_grace)),
         (

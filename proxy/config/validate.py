@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.config.keys import merge_keys, resolve_key
+from proxy.config.profiles import check_profiles, check_scheduling, key_of
 from proxy.config.schema import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -278,6 +279,10 @@ def _check_keys(value: object, path: str, problems: list[str]) -> Mapping[str, s
         if not isinstance(name, str) or not name.strip():
             problems.append(f"{path}: key names must be non-empty strings (got {show(name)})")
             continue
+        if isinstance(key, dict):  # the long form: its other fields are checked by check_profiles
+            key, where = key_of(key), f"{where}.key"
+            if key is None:
+                continue
         resolved = resolve_key(key, where, problems)
         if resolved is not None:
             keys[name] = resolved
@@ -397,6 +402,7 @@ _CONFIG = _section(
                 "outage_grace": _duration(allow_zero=True),
             },
         ),
+        "scheduling": check_scheduling,
     },
 )
 
@@ -427,6 +433,8 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
     config: Config = _CONFIG(data, "", problems)
     if config.access is not None:
         config = replace(config, access=merge_keys(config.access, base, problems))
+        profiles = check_profiles(data.get("access") if data else None, problems)
+        config = replace(config, access=replace(config.access, profiles=profiles))
     if config.request is not None and config.request.spool_dir:
         config = replace(config, request=_spool_dir(config.request, base, problems))
     if _same_socket(config):

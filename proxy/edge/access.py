@@ -20,8 +20,11 @@ import hmac
 from collections.abc import Mapping
 from urllib.parse import quote, unquote_to_bytes
 
-from proxy.config import AccessConfig
+from multidict import MultiMapping
+
+from proxy.config import PRIORITIES, AccessConfig
 from proxy.errors import BadRequest, Forbidden, Unauthorized
+from proxy.observe.logs import clip
 
 #: RFC 3986 pchar less "%": every other byte is escaped, so upstream decodes
 #: exactly the path classified here and nothing it could read two ways.
@@ -156,6 +159,36 @@ def authenticate(authorization: str | None, table: Keys) -> str:
         if name is not None:
             return name
     raise Unauthorized(_MISSING)
+
+
+def priority_of(requested: str | None, base: str, header: str) -> int:
+    """The request's priority (0 high .. 2 low): its key's `base`, lowered (never raised) by
+    the `header` value `requested`; an unknown value is a `BadRequest` naming the allowed ones."""
+    rank = PRIORITIES.index(base)
+    if requested is None or not header:
+        return rank
+    wanted = requested.strip().lower()
+    if wanted not in PRIORITIES:
+        raise BadRequest(
+            f"{header}: unknown priority {clip(requested)!r}; use one of {', '.join(PRIORITIES)} "
+            "(a request may only lower its priority)"
+        )
+    return max(rank, PRIORITIES.index(wanted))
+
+
+#: A party named by a header is the app's own string: bounded so a client cannot grow the counters.
+_MAX_PARTY = 128
+
+
+def party_of(fairness: str, key_name: str, address: str, headers: MultiMapping[str]) -> str:
+    """Who the request shares the slots fairly as, per `scheduling.fairness`."""
+    if fairness == "key":
+        return key_name
+    if fairness == "ip":
+        return address
+    if fairness.startswith("header:"):
+        return headers.get(fairness[7:], "")[:_MAX_PARTY]
+    return ""
 
 
 def private_headers(access: AccessConfig) -> frozenset[str]:

@@ -18,12 +18,13 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
-from proxy.config import Config
+from proxy.config import PRIORITIES, Config
 from proxy.edge import access
 from proxy.edge.body import EMPTY, Body, receive
 from proxy.edge.keepalive import Heartbeats, KeepAlive
@@ -121,6 +122,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             ex.status = await _relay(state, config, request, path, body, reply, ex)
             return await _finish(reply, ex)
 
+        priority = _schedule(request, config, ex)
         state.health.refuse_newcomer()
         await state.health.check_model(job.model, ex.started)
         beats = job.wire is not Wire.JSON or config.heartbeat.non_streaming
@@ -134,7 +136,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             write_timeout=config.timeouts.write,
             cors=cors,
         )
-        slot = state.admission.slot(job.model, ex.client)
+        slot = state.admission.slot(job.model, ex.client, priority=priority, party=ex.party)
         try:
             async with KeepAlive(reply, listening.heartbeats, lambda: _note(slot)):
                 async with slot:
@@ -143,6 +145,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                         state, config, request, path, body, reply, ex, slot, streaming
                     )
         finally:
+            ex.cost = slot.charged
             if ex.waited is None:  # never admitted: the wait ended some other way
                 reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
         return await _finish(reply, ex)
@@ -228,7 +231,7 @@ async def _generate(
         reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
         try:
             return await _relay(
-                state, config, request, path, body, reply, ex, generation=True, streaming=streaming
+                state, config, request, path, body, reply, ex, generation=True, streaming=streaming, slot=slot
             )
         except UpstreamUnreachable as err:
             if not state.health.keep_waiting(err.detail):
@@ -256,6 +259,7 @@ async def _relay(
     *,
     generation: bool = False,
     streaming: bool = False,
+    slot: Slot | None = None,
 ) -> int:
     """Relay to upstream; for a generation, also note what upstream says it cost.
 
@@ -268,6 +272,9 @@ async def _relay(
         total=None, sock_connect=config.timeouts.connect, sock_read=None if whole else config.timeouts.read
     )
     meter = usage.Meter(asyncio.get_running_loop().time) if generation else None
+    on_chunk = meter.feed if meter else None
+    if meter is not None and slot is not None and streaming:
+        on_chunk = _charging(meter, slot)
     # Stays 0 if relay raises: any body it had relayed by then came with a success status.
     status = 0
     try:
@@ -278,7 +285,7 @@ async def _relay(
             body,
             reply,
             timeout,
-            meter.feed if meter else None,
+            on_chunk,
             path=path,
             private=access.private_headers(config.access),
             generation=config.timeouts.generation if whole else None,
@@ -286,9 +293,40 @@ async def _relay(
     finally:
         if meter is not None:
             _record_usage(ex, meter, streaming and status < 400)
+        if slot is not None:
+            slot.settle(_tokens(ex))
     if status >= 500:
         ex.upstream_failure = UpstreamStatus.kind
     return status
+
+
+def _schedule(request: web.Request, config: Config, ex: Exchange) -> int:
+    """The request's priority (its key's, maybe lowered by the header) and its fair-share party."""
+    scheduling, profile = config.scheduling, config.access.profiles.get(ex.client)
+    base = profile.priority if profile is not None else "normal"
+    header = scheduling.priority_header
+    priority = access.priority_of(request.headers.get(header) if header else None, base, header)
+    ex.priority = PRIORITIES[priority]
+    ex.party = access.party_of(scheduling.fairness, ex.client, ex.address, request.headers)
+    ex.cost_label = ex.client if scheduling.fairness == "key" and ex.client else "other"
+    return priority
+
+
+def _charging(meter: usage.Meter, slot: Slot) -> Callable[[bytes], None]:
+    """Meter each streamed chunk and charge it as one token until the final counts settle it."""
+
+    def on_chunk(chunk: bytes) -> None:
+        meter.feed(chunk)
+        slot.charge(1)
+
+    return on_chunk
+
+
+def _tokens(ex: Exchange) -> int | None:
+    """What the answer cost as Ollama counted it (prompt + completion; an embedding's prompt)."""
+    if ex.prompt_tokens is None and ex.completion_tokens is None:
+        return None
+    return (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
 
 
 def _record_usage(ex: Exchange, meter: usage.Meter, streamed: bool) -> None:

@@ -114,6 +114,9 @@ def record_fields(ex: Exchange) -> dict[str, object]:
         "bytes": ex.sent,
         "prompt_tokens": ex.prompt_tokens,
         "completion_tokens": ex.completion_tokens,
+        "fair_client": ex.party or None,
+        "priority": ex.priority or None,
+        "cost": round(ex.cost, 3),
     }
 
 
@@ -127,7 +130,8 @@ def text_line(ex: Exchange, time: str) -> str:
         f"{time} client={_value(ex.address)} method={_value(ex.method)} "
         f"path={_value(ex.path)} model={_value(ex.model or None)} key={_value(ex.client or None)} "
         f"status={_value(ex.status)} outcome={_value(ex.outcome_text)} wait={_value(ex.waited)} "
-        f"duration={_value(ex.duration)} bytes={_value(ex.sent)} tokens={_value(tokens)}"
+        f"duration={_value(ex.duration)} bytes={_value(ex.sent)} tokens={_value(tokens)} "
+        f"fair_client={_value(ex.party or None)} priority={_value(ex.priority or None)} cost={_value(ex.cost)}"
     )
 
 

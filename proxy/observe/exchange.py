@@ -56,6 +56,12 @@ class Exchange:
     model: str = ""
     #: Who asked: the client key's name; "" when keys are off or before authentication.
     client: str = ""
+    #: Who it shares the slots fairly as (`scheduling.fairness`), and its priority; "" before known.
+    party: str = ""
+    priority: str = ""
+    #: Cost charged to its party (tokens or requests), and the bounded metrics label for it.
+    cost: float = 0.0
+    cost_label: str = "other"
     status: int = CLIENT_GONE
     outcome: Outcome = Outcome.CLIENT_GONE
     #: The refusal's reason (`ProxyError.reason`) when the outcome is `REJECTED`.

@@ -61,6 +61,7 @@ class QueueState(Protocol):
     def running_by_model(self) -> CounterType[str]: ...
     def waiting_by_model(self) -> CounterType[str]: ...
     def oldest_wait(self) -> float: ...
+    def waiting_by_priority(self) -> Mapping[str, int]: ...
     @property
     def max_concurrent(self) -> int: ...
     @property
@@ -157,6 +158,12 @@ class Metrics:
             "ollama_proxy_key_requests", "Requests answered, by client key name (access.keys) and status",
             ["key", "code"], registry=r,
         )  # fmt: skip
+        self.client_cost = Counter(
+            "ollama_proxy_client_cost",
+            "Cost charged to fair-share clients (tokens or requests, as scheduling.cost says), by key "
+            "name with scheduling.fairness: key, else one label 'other'",
+            ["client"], registry=r,
+        )  # fmt: skip
         # What the generations themselves reported (see usage.py).
         self.tokens = Counter(
             "ollama_proxy_tokens", "Tokens upstream reported: prompt (evaluated) and completion (generated)",
@@ -211,6 +218,8 @@ class Metrics:
             self.rejected.labels(ex.rejection).inc()
         elif ex.outcome in DISCONNECTS:
             self.disconnects.labels(ex.phase).inc()
+        if ex.cost:
+            self.client_cost.labels(ex.cost_label).inc(ex.cost)
         if ex.upstream_failure:
             self.upstream_errors.labels(ex.upstream_failure).inc()
         if ex.waited is not None:
@@ -277,6 +286,14 @@ class _QueueCollector:
             for label, n in sorted(by_label.items()):
                 family.add_metric([label], n)
             yield family
+        by_priority = GaugeMetricFamily(
+            "ollama_proxy_queue_depth_by_priority",
+            "Requests waiting for a slot, by priority",
+            labels=["priority"],
+        )
+        for priority, n in self._queue.waiting_by_priority().items():
+            by_priority.add_metric([priority], n)
+        yield by_priority
         yield GaugeMetricFamily(
             "ollama_proxy_max_concurrent", "Global limit on requests running upstream",
             value=self._queue.max_concurrent,

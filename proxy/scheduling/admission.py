@@ -23,6 +23,9 @@ Cancellation safety: a slot is counted the moment it is granted, before its
 task resumes, so a task cancelled between grant and resume hands the slot on
 in its own cleanup; a task cancelled while waiting just leaves the queue.
 Either way nothing is leaked and `__aexit__` runs only for slots held.
+
+A little over 400 lines: the `Slot` (the handler's view) and the passes that grant
+slots share every invariant above, and read best side by side.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
-from proxy.config import LimitsConfig
+from proxy.config import PRIORITIES, LimitsConfig
 from proxy.errors import ProxyError, QueueTimeout
 from proxy.ollama.names import canonical_model
 from proxy.scheduling.capacity import CapacityLedger, Claim, LocalLedger
+from proxy.scheduling.fair import FairShare
 from proxy.scheduling.policy import Fifo, SchedulingPolicy
 from proxy.scheduling.queue import WaitQueue
 from proxy.scheduling.waiter import Waiter
@@ -95,6 +99,29 @@ class Slot:
         return self._waiter.claim.client
 
     @property
+    def party(self) -> str:
+        """Who this request shares the slots fairly with others as (`scheduling.fairness`)."""
+        return self._waiter.party
+
+    @property
+    def priority(self) -> int:
+        """0 high, 1 normal, 2 low."""
+        return self._waiter.priority
+
+    @property
+    def charged(self) -> float:
+        """Cost charged to its party so far."""
+        return self._waiter.charged
+
+    def charge(self, cost: float) -> None:
+        """The answer has cost `cost` more (tokens), as it streams."""
+        self._admission.policy.charge(self._waiter, cost)
+
+    def settle(self, total: float | None) -> None:
+        """The answer is over; `total` is its cost as Ollama counted it, if it said."""
+        self._admission.policy.settle(self._waiter, total)
+
+    @property
     def enqueued_at(self) -> float:
         """Loop time of arrival (kept when the request is sent back to the queue)."""
         return self._waiter.enqueued_at
@@ -129,9 +156,11 @@ class Admission:
     ) -> None:
         self._limits = limits
         self._ledger = LocalLedger(limits) if ledger is None else ledger
-        self._queue = WaitQueue(
-            Fifo() if policy is None else policy, limits, max_queued_per_client, self._expire
-        )
+        self._policy: SchedulingPolicy = Fifo() if policy is None else policy
+        self._queue = WaitQueue(self._policy, limits, max_queued_per_client, self._expire)
+        #: Per-client caps on requests running at once (`access.keys.NAME.max_running`).
+        self._max_running: Mapping[str, int] = {}
+        self._running_of: Counter[str] = Counter()
         self._holding: dict[Waiter, None] = {}
         self._avg_hold: float | None = None
         self._arrivals = itertools.count()
@@ -154,9 +183,11 @@ class Admission:
             f"queue={self._queue!r} ledger={self._ledger!r}>"
         )
 
-    def slot(self, model: str, client: str = "") -> Slot:
+    def slot(self, model: str, client: str = "", *, priority: int = 1, party: str | None = None) -> Slot:
+        """A place for a request for `model` by `client` (a key name), sharing fairly as `party`."""
         loop = asyncio.get_running_loop()
         waiter = Waiter(Claim(canonical_model(model), client), next(self._arrivals), loop.time())
+        waiter.priority, waiter.party = priority, client if party is None else party
         return Slot(self, waiter)
 
     def pause(self) -> None:
@@ -178,14 +209,23 @@ class Admission:
                 failed += 1
         return failed
 
-    def configure(self, limits: LimitsConfig, max_queued_per_client: int = 0) -> None:
+    def configure(
+        self,
+        limits: LimitsConfig,
+        max_queued_per_client: int = 0,
+        *,
+        max_queued: Mapping[str, int] | None = None,
+        max_running: Mapping[str, int] | None = None,
+    ) -> None:
         """Apply new limits at once: waiting requests keep their place and arrival time.
 
         Lowering a limit never stops a running request; it only admits fewer.
         A lower per-client bound applies to newcomers; nobody already waiting is dropped.
+        `max_queued` and `max_running` are per-client bounds by client (key) name.
         """
         self._limits = limits
-        self._queue.configure(limits, max_queued_per_client)
+        self._max_running = max_running or {}
+        self._queue.configure(limits, max_queued_per_client, max_queued or {})
         self._ledger.configure(limits)  # reports room: a pass admits whoever now fits
 
     # -- views, for metrics and the queue page ---------------------------------
@@ -193,6 +233,10 @@ class Admission:
     @property
     def limits(self) -> LimitsConfig:
         return self._limits
+
+    @property
+    def policy(self) -> SchedulingPolicy:
+        return self._policy
 
     @property
     def caps(self) -> Mapping[str, int]:
@@ -230,6 +274,15 @@ class Admission:
     def waiting_by_model(self) -> Counter[str]:
         return self._queue.by_model()
 
+    def counters(self) -> dict[str, float]:
+        """Each waiting client's fair-share counter (none under first come, first served)."""
+        return self._policy.counters() if isinstance(self._policy, FairShare) else {}
+
+    def waiting_by_priority(self) -> dict[str, int]:
+        """Requests waiting by priority name, every priority present (a walk: for scrapes and pages)."""
+        counts = Counter(waiter.priority for waiter in self._queue.in_arrival_order())
+        return {name: counts[rank] for rank, name in enumerate(PRIORITIES)}
+
     def retry_after(self, model: str | None = None) -> int:
         """Seconds until a request for `model` (canonical) that came now would likely get a slot.
 
@@ -252,10 +305,11 @@ class Admission:
     async def acquire(self, waiter: Waiter) -> None:
         """Return holding a slot for `waiter`: at once if there is room, else after waiting."""
         reports = self._room_reports
-        if not self._paused:
+        if not self._paused and self._may_run(waiter):
             answer = self._ledger.take(waiter.claim)
             if answer if isinstance(answer, bool) else await self._answer(waiter.claim, answer):
                 self._hold(waiter)
+                self._policy.admitted(waiter)  # never queued, but it runs: charged like any other
                 return
         self._queue.check_room(waiter.claim, lambda: self.retry_after(waiter.claim.model))
         waiter.future = asyncio.get_running_loop().create_future()
@@ -308,11 +362,15 @@ class Admission:
 
     def _hold(self, waiter: Waiter) -> None:
         self._holding[waiter] = None
+        self._running_of[waiter.claim.client] += 1
         waiter.admitted_at = asyncio.get_running_loop().time()
 
     def _unhold(self, waiter: Waiter) -> None:
         waiter.admitted_at = None
         del self._holding[waiter]
+        self._running_of[waiter.claim.client] -= 1
+        if not self._running_of[waiter.claim.client]:
+            del self._running_of[waiter.claim.client]
 
     def _grant(self, waiter: Waiter) -> None:
         """Admit a waiter the ledger has counted a slot for; its task resumes later."""
@@ -337,25 +395,34 @@ class Admission:
         if self._paused or not len(self._queue):
             return
         self._again = False
-        self._walk(self._queue.in_order(), 0)
+        self._walk(self._queue.candidates())
 
-    def _walk(self, candidates: list[Waiter], start: int) -> None:
-        """Offer the ledger each candidate from `start` on, granting those it has room for."""
-        for index in range(start, len(candidates)):
+    def _may_run(self, waiter: Waiter) -> bool:
+        """Its client is below its own `max_running` (if it has one)."""
+        cap = self._max_running.get(waiter.claim.client, 0)
+        return not cap or self._running_of[waiter.claim.client] < cap
+
+    def _walk(self, candidates: Iterator[Waiter]) -> None:
+        """Offer the ledger each further candidate, granting those it has room for.
+
+        The candidates come lazily in the policy's order, so a pass that fills
+        the slots after a few grants never walks (or sorts) the rest of the queue.
+        """
+        for waiter in candidates:
             if self._paused or self._ledger.full():
                 return
-            waiter = candidates[index]
-            if not (waiter.waiting and waiter in self._queue):
-                continue  # left since the pass began, or its task's cleanup is pending
+            if not (waiter.waiting and waiter in self._queue) or not self._may_run(waiter):
+                continue  # left since the pass began (or cleanup pending), or its client is at max_running
             answer = self._ledger.take(waiter.claim)
             if not isinstance(answer, bool):
-                self._pass = asyncio.ensure_future(self._resume_walk(candidates, index, answer))
+                self._pass = asyncio.ensure_future(self._resume_walk(candidates, waiter, answer))
                 return
             if answer:
                 self._grant(waiter)
 
-    async def _resume_walk(self, candidates: list[Waiter], index: int, answer: Awaitable[bool]) -> None:
-        waiter = candidates[index]
+    async def _resume_walk(
+        self, candidates: Iterator[Waiter], waiter: Waiter, answer: Awaitable[bool]
+    ) -> None:
         try:
             if await self._answer(waiter.claim, answer):
                 if waiter.waiting and waiter in self._queue and not self._paused:
@@ -367,7 +434,7 @@ class Admission:
         if self._again:
             self._dispatch()
         else:
-            self._walk(candidates, index + 1)
+            self._walk(candidates)
 
     async def _answer(self, claim: Claim, answer: Awaitable[bool]) -> bool:
         """The ledger's later answer; a slot it grants after we were cancelled is given back."""

@@ -7,9 +7,10 @@ policy's order, so a waiter whose model is at its cap is passed over without
 blocking those behind it, whatever the order. The same order gives the queue
 positions that keep-alive frames and the queue page show.
 
-Priorities and fair share (interface part two, "Who goes first") will be a
-second implementation: they reorder in `added`, and charge a client's cost
-when its waiter is `admitted`.
+Priorities and fair share (interface part two, "Who goes first") are the
+second implementation, `fair.FairShare`: it reorders in `added`, and charges a
+party's cost when its waiter is `admitted` (`cost: requests`) or as its answer
+streams (`charge`, then `settle` from the final counts).
 """
 
 from __future__ import annotations
@@ -32,11 +33,25 @@ class SchedulingPolicy(Protocol):
         ...
 
     def admitted(self, waiter: Waiter) -> None:
-        """`waiter` left the queue to run: where a policy charges its client."""
+        """`waiter` runs (it left the queue, or found room on arrival and never joined it):
+        where a policy charges its client."""
         ...
 
     def order(self) -> Iterable[Waiter]:
-        """The waiters, the one to go first first."""
+        """The waiters, the one to go first first.
+
+        A generator is consumed lazily by a dispatch pass that grants (and so
+        removes) waiters as it goes, even across the ledger's awaits: it must stay
+        valid while the queue changes. Any other iterable is copied first.
+        """
+        ...
+
+    def charge(self, waiter: Waiter, cost: float) -> None:
+        """`waiter` (running) has cost `cost` more, as its answer streams."""
+        ...
+
+    def settle(self, waiter: Waiter, total: float | None) -> None:
+        """`waiter` finished; `total` is what it cost as upstream counted it, if known."""
         ...
 
 
@@ -60,3 +75,9 @@ class Fifo:
 
     def order(self) -> Iterable[Waiter]:
         return self._waiters
+
+    def charge(self, waiter: Waiter, cost: float) -> None:
+        """First come, first served counts nothing."""
+
+    def settle(self, waiter: Waiter, total: float | None) -> None:
+        """First come, first served counts nothing."""

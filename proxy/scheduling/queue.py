@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator, Mapping
 
 from proxy.config import LimitsConfig
 from proxy.errors import OwnerQueueFull, QueueFull
@@ -38,6 +38,8 @@ class WaitQueue:
         self._max_queue = limits.max_queue
         self._timeout = limits.queue_timeout
         self._per_client = max_queued_per_client
+        #: Per-client overrides of `_per_client` (`access.keys.NAME.max_queued`).
+        self._per_client_caps: Mapping[str, int] = {}
         self._on_expired = on_expired
         self._arrivals = ArrivalOrder()
         self._by_model: Counter[str] = Counter()
@@ -49,11 +51,14 @@ class WaitQueue:
     def __repr__(self) -> str:
         return f"<WaitQueue waiting={len(self._arrivals)} policy={self._policy!r}>"
 
-    def configure(self, limits: LimitsConfig, max_queued_per_client: int) -> None:
+    def configure(
+        self, limits: LimitsConfig, max_queued_per_client: int, per_client: Mapping[str, int] | None = None
+    ) -> None:
         """New bounds apply to newcomers; a new timeout also to those already waiting."""
         self._max_queue = limits.max_queue
         self._timeout = limits.queue_timeout
         self._per_client = max_queued_per_client
+        self._per_client_caps = per_client or {}
         self._arm()
 
     def check_room(self, claim: Claim, retry_after: Callable[[], int]) -> None:
@@ -65,12 +70,18 @@ class WaitQueue:
                 "retry later, or raise limits.max_queue",
                 retry_after=retry_after(),
             )
-        if self._per_client and claim.client:
+        bound = self._per_client_caps.get(claim.client, self._per_client)
+        if bound and claim.client:
             mine = self._by_client[claim.client]
-            if mine >= self._per_client:
+            if mine >= bound:
+                setting = (
+                    f"access.keys.{claim.client}.max_queued"
+                    if claim.client in self._per_client_caps
+                    else "access.max_queued_per_key"
+                )
                 raise OwnerQueueFull(
                     f"key {claim.client!r} already has {counted(mine, 'request')} waiting, "
-                    f"access.max_queued_per_key={self._per_client}; wait for them to finish",
+                    f"{setting}={bound}; wait for them to finish",
                     retry_after=retry_after(),
                 )
 
@@ -105,6 +116,16 @@ class WaitQueue:
     def in_order(self) -> list[Waiter]:
         """The waiters in the policy's order (a copy: the queue may change while it is walked)."""
         return list(self._policy.order())
+
+    def candidates(self) -> Iterator[Waiter]:
+        """The waiters in the policy's order, for a dispatch pass that may stop early.
+
+        A generator is consumed lazily (the policy promises it stays valid while the
+        queue changes, as `FairShare.order` does); any other iterable, which may be a
+        live view of a dict, is copied first.
+        """
+        order = self._policy.order()
+        return order if isinstance(order, Generator) else iter(list(order))
 
     def in_arrival_order(self) -> list[Waiter]:
         return list(self._arrivals)

@@ -26,6 +26,12 @@ class Waiter:
     admitted_at: float | None = None
     #: Resolved by the scheduler when the slot is granted (or failed: timeout, outage).
     future: asyncio.Future[None] | None = None
+    #: 0 high, 1 normal, 2 low: a waiter of a higher priority always goes first.
+    priority: int = 1
+    #: Who shares the slots fairly with others (`scheduling.fairness`): a key name, an address, a header.
+    party: str = ""
+    #: Cost charged to `party` for this request so far (settled from the final counts).
+    charged: float = 0.0
 
     @property
     def waiting(self) -> bool:

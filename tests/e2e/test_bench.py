@@ -57,3 +57,21 @@ async def test_smallest_run_reports_every_figure() -> None:
     assert "0 clients without a frame, 0 connections lost" in waiting
     text = report.table(results)
     assert all(figure in text for figure in by_name)
+
+
+async def test_fairness_bench_shows_tokens_share_and_a_cheap_release() -> None:
+    from bench import fair
+    from proxy.sim import Simulator
+
+    sim = Simulator(tokens=200, token_delay=0.002)
+    await sim.start()
+    try:
+        shares = {}
+        for name in ("none", "cost: tokens"):
+            served = await fair.long_vs_short(sim, fair.SETTINGS[name], each=4)
+            shares[name] = fair.jain([float(v) for v in fair.backlogged_tokens(served).values()])
+    finally:
+        await sim.close()
+    assert shares["none"] < 0.6 < shares["cost: tokens"], shares
+    costs = await fair.release_cost(waiters=2_000, clients=200, releases=20)
+    assert set(costs) == {"first come, first served", "fair share"} and all(c > 0 for c in costs.values())

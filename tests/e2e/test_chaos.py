@@ -39,6 +39,7 @@ from proxy.server import Server
 from proxy.sim import GARBAGE, GenRecord, Simulator
 from tests.support import ProxyProcess, eventually, proxy_config, running_proxy
 from tests.support.chaos import (
+    CHAOS_KEYS,
     MAX_BODY,
     SPOOL_ABOVE,
     Call,
@@ -226,6 +227,7 @@ def config_for(plan: Plan, upstream: str, limit: int, caps: dict[str, int]) -> d
         # Probes often, so an outage ends soon after upstream is back; a grace far past any outage.
         health={"interval": 0.2, "timeout": 1.0, "outage_grace": 60},
         shutdown_grace=GRACE,
+        access={"keys": CHAOS_KEYS},
     )
 
 
@@ -470,11 +472,24 @@ async def test_chaos_keeps_every_invariant(seed: int, tmp_path: Path) -> None:
             run.judge_calls()
             run.check_upstream()
             run.violations += [f"proxy log: {line}" for line in target.trouble()]
+            if isinstance(target, InProcess):
+                run.violations += _fair_share_leftovers(target.server)
     finally:
         await sim.close()
     summary = run.report(loop.time() - started)
     print(summary)
     assert not run.violations, summary + "\n" + "\n".join(run.violations[:30])
+
+
+def _fair_share_leftovers(server: Server) -> list[str]:
+    """After a run: no fair-share counter negative, nobody left waiting in any priority."""
+    admission = server.state.admission
+    problems = [
+        f"fair share: {client} has counter {c}" for client, c in admission.counters().items() if c < 0
+    ]
+    if any(admission.waiting_by_priority().values()):
+        problems.append(f"fair share: still waiting by priority {admission.waiting_by_priority()}")
+    return problems
 
 
 # -- the judge itself: each check must be able to fail ---------------------------------------

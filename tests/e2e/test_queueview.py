@@ -156,7 +156,9 @@ async def test_snapshot_shows_owners_and_nothing_else():
         await asyncio.sleep(0)  # let the others join the queue
     now = slots[2].enqueued_at + 2.0
     view = snapshot(admission, draining=True, now=now)
-    assert set(view) == {"limits", "running", "waiting", "oldest_wait", "draining", "models", "queue"}
+    assert set(view) == {
+        "limits", "running", "waiting", "oldest_wait", "draining", "models", "queue", "clients", "by_priority"
+    }  # fmt: skip
     assert view["draining"] is True
     assert view["models"]["m:latest"]["running"] == [
         {
@@ -166,9 +168,18 @@ async def test_snapshot_shows_owners_and_nothing_else():
         }
     ]
     assert view["queue"] == [
-        {"position": 1, "model": "m:latest", "age": round(now - slots[1].enqueued_at, 3), "owner": "bob"},
-        {"position": 2, "model": "x:latest", "age": 2.0, "owner": ""},
+        {
+            "position": 1,
+            "model": "m:latest",
+            "age": round(now - slots[1].enqueued_at, 3),
+            "owner": "bob",
+            "client": "bob",
+            "priority": "normal",
+        },
+        {"position": 2, "model": "x:latest", "age": 2.0, "owner": "", "client": "", "priority": "normal"},
     ]
+    assert view["clients"] == {}  # first come, first served keeps no counters
+    assert view["by_priority"] == {"high": 0, "normal": 2, "low": 0}
     assert view["models"]["x:latest"] == {
         "limit": None, "running": [], "waiting": [{"position": 2, "age": 2.0, "owner": ""}]
     }  # fmt: skip

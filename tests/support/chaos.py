@@ -44,6 +44,14 @@ SPOOL_ABOVE = 16 * 1024
 MAX_BODY = 256 * 1024
 #: Body sizes at those bounds, given to some generation requests.
 BOUND_SIZES = (SPOOL_ABOVE, SPOOL_ABOVE + 1, MAX_BODY)
+#: Clients with keys and priorities (long form): who goes first is part of every run.
+CHAOS_KEYS = {
+    "app": "ch-app-0123456789",
+    "ops": {"key": "ch-ops-0123456789", "priority": "high", "weight": 2},
+    "batch": {"key": "ch-batch-0123456789", "priority": "low", "max_running": 2},
+}
+#: What a request may send in X-Priority ("" sends none): valid values only, so none is refused.
+PRIORITY_HEADERS = ("", "low", "normal", "high", "")
 #: Keep-alive frames of the two NDJSON wires: an empty token that is not the end.
 _NDJSON_FRAME = re.compile(rb'"(response|content)":""\}?,"done":false\}$')
 
@@ -60,6 +68,8 @@ class Spec:
     rst: bool  # leave with an RST rather than a FIN
     delay: float  # how long `early` waits, or how long a partial body hangs before leaving
     size: int = 0  # the body's exact size in bytes, padded; 0: as small as it comes
+    key: str = "app"  # a name in CHAOS_KEYS
+    priority: str = ""  # its X-Priority header, "" for none
 
     @property
     def ident(self) -> str:
@@ -81,8 +91,13 @@ class Spec:
 
     def request(self) -> tuple[bytes, bytes]:
         """The request head and body, the id in the prompt so upstream's records name it."""
+        entry = CHAOS_KEYS[self.key]
+        secret = entry if isinstance(entry, str) else entry["key"]
+        auth = f"Authorization: Bearer {secret}\r\n" + (
+            f"X-Priority: {self.priority}\r\n" if self.priority else ""
+        )
         if self.kind == "tags":
-            return b"GET /api/tags HTTP/1.1\r\nHost: chaos\r\n\r\n", b""
+            return f"GET /api/tags HTTP/1.1\r\nHost: chaos\r\n{auth}\r\n".encode(), b""
         prompt = f"{self.ident} tell me something"
         payload: dict[str, Any] = {"model": self.model, "stream": self.stream}
         if self.kind == "generate":
@@ -95,7 +110,7 @@ class Spec:
         body = json.dumps(payload).encode() if self.kind != "bad" else f"{{not json {self.ident}".encode()
         head = (
             f"POST {self.path} HTTP/1.1\r\nHost: chaos\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"{auth}Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         return head, body
 
@@ -203,6 +218,9 @@ def _spec(rng: random.Random, n: int) -> Spec:
         vanish=vanish,
         rst=rng.random() < 0.5,
         delay=rng.uniform(0.0, 0.3),
+        # From n, not rng: the plans' other draws stay what they were for every seed.
+        key=("app", "ops", "batch")[n % 3],
+        priority=PRIORITY_HEADERS[(n * 7) % len(PRIORITY_HEADERS)],
     )
 
 

@@ -37,7 +37,9 @@ def test_repo_config_yaml_names_every_key() -> None:
     for section in dataclasses.fields(Config):
         assert section.name in data
         if dataclasses.is_dataclass(section.default_factory):
-            assert set(data[section.name]) == {f.name for f in dataclasses.fields(section.default_factory)}
+            derived = {"profiles"}  # access.profiles is read from the long form of access.keys
+            fields = {f.name for f in dataclasses.fields(section.default_factory)} - derived
+            assert set(data[section.name]) == fields
 
 
 def test_default_values_match_the_contract() -> None:
@@ -483,3 +485,57 @@ def test_new_keys_are_validated(data: dict, line: str) -> None:
 def test_trusted_proxies_accept_addresses_and_networks() -> None:
     config = config_from_dict({"listen": {"trusted_proxies": ["10.0.0.0/8", "192.168.1.7", "fd00::/8"]}})
     assert [str(n) for n in config.listen.trusted_proxies] == ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]
+
+
+# --- who goes first: scheduling and the long form of access.keys ------------------------------
+
+
+def test_long_form_keys_and_scheduling_are_read_and_summarised() -> None:
+    from proxy.config import KeyProfile, SchedulingConfig, summary
+
+    config = config_from_dict(
+        {
+            "access": {
+                "keys": {
+                    "alice": "sk-alice-0123456789",
+                    "batch": {"key": "sk-batch-0123456789", "priority": "low", "weight": 2, "max_running": 2},
+                }
+            },
+            "scheduling": {"fairness": "header:X-User-Id", "cost": "requests", "priority_header": ""},
+        }
+    )
+    assert dict(config.access.keys) == {"alice": "sk-alice-0123456789", "batch": "sk-batch-0123456789"}
+    assert dict(config.access.profiles) == {"batch": KeyProfile(priority="low", weight=2.0, max_running=2)}
+    assert config.scheduling == SchedulingConfig("header:X-User-Id", "requests", "")
+    [row] = [line for line in summary(config).splitlines() if line.startswith("access.keys")]
+    assert row.endswith(
+        "2 (alice, batch); fairness header:X-User-Id, cost requests, no priority header; batch: low x2 running<=2"
+    )
+    assert Config().scheduling == SchedulingConfig("key", "tokens", "X-Priority")
+
+
+def test_scheduling_problems_are_named_by_their_yaml_path() -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict(
+            {
+                "access": {
+                    "keys": {
+                        "b": {"key": "sk-b-0123456789", "priority": "urgent", "weight": 0, "max_queud": 1},
+                        "c": {"priority": "low"},
+                        "d": {"key": "sk-d-0123456789", "max_running": -1},
+                    }
+                },
+                "scheduling": {"fairness": "who", "cost": "gpu", "priority_header": "X Priority", "nope": 1},
+            }
+        )
+    assert raised.value.problems == [
+        "scheduling.fairness: must be one of key, ip, none, or header:NAME such as header:X-User-Id (got 'who')",
+        "scheduling.cost: must be one of tokens, requests (got 'gpu')",
+        "scheduling.priority_header: must be a header name such as X-Priority, or \"\" (got 'X Priority')",
+        "scheduling.nope: unknown key (valid keys: fairness, cost, priority_header)",
+        "access.keys.b.priority: must be one of high, normal, low (got 'urgent')",
+        "access.keys.b.weight: must be a number above 0, such as 1 or 2.5 (got 0)",
+        "access.keys.b.max_queud: unknown key (valid keys: key, priority, weight, max_queued, max_running)",
+        "access.keys.c.key: missing; a long-form entry needs its key (key: sk-...)",
+        "access.keys.d.max_running: must be a whole number, 0 or more (got -1)",
+    ]

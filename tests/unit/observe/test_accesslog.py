@@ -28,7 +28,8 @@ def test_text_line_has_every_field(caplog) -> None:
     record = access_record(exchange(), caplog)
     assert logs.TextFormatter().format(record) == (
         "2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path=/api/chat model=llama3:latest "
-        "key=alice status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301"
+        "key=alice status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301 "
+        "fair_client=- priority=- cost=0.000"
     )
     assert (record.name, record.levelno, record.getMessage()) == (
         "proxy.access",
@@ -50,11 +51,19 @@ def test_text_line_marks_unknowns_and_quotes_what_could_break_it(caplog) -> None
     line = logs.TextFormatter().format(access_record(ex, caplog))
     assert line == (
         '2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path="/a b/\\"q\\"\\n=x/\\u00e9" model=- '
-        "key=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=-"
+        "key=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=- "
+        "fair_client=- priority=- cost=0.000"
     )
     assert "\n" not in line
     partial = logs.TextFormatter().format(access_record(exchange(usage=Usage(completion_tokens=301)), caplog))
-    assert partial.endswith(" tokens=-/301")
+    assert " tokens=-/301 " in partial
+
+
+def test_text_line_appends_the_scheduling_fields_after_the_old_ones(caplog) -> None:
+    ex = exchange(party="10.0.0.9", priority="low", cost=327.0)
+    line = logs.TextFormatter().format(access_record(ex, caplog))
+    # The fields older consumers parse keep their bytes; the new ones come last.
+    assert line.endswith(" tokens=26/301 fair_client=10.0.0.9 priority=low cost=327.000")
 
 
 def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
@@ -76,6 +85,9 @@ def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
         "bytes": 10342,
         "prompt_tokens": 26,
         "completion_tokens": 301,
+        "fair_client": None,
+        "priority": None,
+        "cost": 0.0,
     }
     unknown = exchange(model="", client="", waited=None, usage=None, path="/\n")
     line = logs.JsonFormatter().format(access_record(unknown, caplog))

@@ -8,9 +8,11 @@ and `summary` is what `check-config` prints.
 
 from proxy.config.load import FileStamp, load_config, read_config, stamp
 from proxy.config.schema import (
+    DEFAULT_BACKEND,
     RESTART_ONLY_KEYS,
     AccessConfig,
     AdminConfig,
+    BackendConfig,
     Config,
     ConfigError,
     HealthConfig,
@@ -28,9 +30,11 @@ from proxy.config.summary import config_warnings, describe_spool_dir, summary
 from proxy.config.validate import config_from_dict
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "RESTART_ONLY_KEYS",
     "AccessConfig",
     "AdminConfig",
+    "BackendConfig",
     "Config",
     "ConfigError",
     "FileStamp",

@@ -30,7 +30,7 @@ from proxy.scheduling.admission import Admission
 from proxy.scheduling.capacity import CapacityLedger
 from proxy.scheduling.policy import SchedulingPolicy
 from proxy.units import counted, format_duration
-from proxy.upstream.health import UpstreamHealth
+from proxy.upstream.fleet import Fleet
 
 log = logging.getLogger("proxy")
 
@@ -66,7 +66,7 @@ async def _health_probes(app: web.Application) -> AsyncIterator[None]:
     """The upstream probe runs while the listen app does, over its session (closed after it)."""
     state = app[STATE]
     assert state.session is not None, "the client session's cleanup_ctx comes first"
-    task = asyncio.create_task(state.health.run(state.session), name="upstream health probe")
+    task = asyncio.create_task(state.health.run(state.session), name="backend health probes")
     try:
         yield
     finally:
@@ -109,8 +109,15 @@ class Server:
     ) -> None:
         """`config_path` is the file a reload re-reads, and `read_at` its stamp when
         `config` was read from it (`read_config`), the baseline of `watch`."""
-        admission = Admission(config.limits, config.access.max_queued_per_key, policy=policy, ledger=ledger)
-        health = UpstreamHealth(config.health, config.upstream.url, admission)
+        admission = Admission(
+            config.limits,
+            config.access.max_queued_per_key,
+            policy=policy,
+            ledger=ledger,
+            backends=config.fleet,
+        )
+        health = Fleet(config, admission)
+        admission.route(health)
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
         metrics.watch(admission)
         metrics.watch_upstream(lambda: health.up)
@@ -209,8 +216,8 @@ class Server:
         """Every part that follows the config takes the reloaded one."""
         self.state.config = config
         logs.reapply(config.log)
-        self.state.admission.configure(config.limits, config.access.max_queued_per_key)
-        self.state.health.configure(config.health, config.upstream.url)
+        self.state.health.configure(config)  # before admission's pass: new backends take waiters
+        self.state.admission.configure(config.limits, config.access.max_queued_per_key, config.fleet)
         self.state.metrics.configure(config.limits.models)
         self.connections.resize(config.max_connections)  # follows limits.max_queue unless set
 

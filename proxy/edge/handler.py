@@ -118,6 +118,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
             ex.phase = Phase.RUNNING
             reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)
+            ex.backend = state.health.first_healthy()
             ex.status = await _relay(state, config, request, path, body, reply, ex)
             return await _finish(reply, ex)
 
@@ -226,20 +227,22 @@ async def _generate(
     while True:
         ex.phase, ex.waited = Phase.RUNNING, slot.waited
         reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
+        ex.backend = slot.backend
+        state.health.sent(slot.backend, slot.model)
         try:
             return await _relay(
                 state, config, request, path, body, reply, ex, generation=True, streaming=streaming
             )
         except UpstreamUnreachable as err:
-            if not state.health.keep_waiting(err.detail):
+            if not state.health.keep_waiting(err.detail, slot.backend, slot.model):
                 raise
             state.metrics.requeued(err.kind)
             log.warning(
-                "upstream unreachable, request keeps its place: %s %s model=%s: %s",
-                ex.method, clip(ex.path), clip(ex.model), clip(err.detail),
+                "upstream unreachable, request keeps its place: %s %s model=%s backend=%s: %s",
+                ex.method, clip(ex.path), clip(ex.model), slot.backend, clip(err.detail),
             )  # fmt: skip
         except UpstreamReset:
-            state.health.suspect()
+            state.health.suspect(slot.backend)
             raise
         ex.phase, ex.waited = Phase.QUEUED, None
         await slot.requeue()
@@ -257,7 +260,7 @@ async def _relay(
     generation: bool = False,
     streaming: bool = False,
 ) -> int:
-    """Relay to upstream; for a generation, also note what upstream says it cost.
+    """Relay to upstream (the backend `ex.backend` names); for a generation, also note what upstream says it cost.
 
     A non-streamed generation is silent upstream until its answer is whole, so
     it is bounded by `timeouts.generation` in all instead of `timeouts.read`.
@@ -273,7 +276,7 @@ async def _relay(
     try:
         status = await relay(
             state.session,
-            config.upstream.url,
+            state.health.url(ex.backend),
             request,
             body,
             reply,

@@ -56,6 +56,8 @@ class Exchange:
     model: str = ""
     #: Who asked: the client key's name; "" when keys are off or before authentication.
     client: str = ""
+    #: The backend (`backends.NAME`) the request was sent to; "" if it never was.
+    backend: str = ""
     status: int = CLIENT_GONE
     outcome: Outcome = Outcome.CLIENT_GONE
     #: The refusal's reason (`ProxyError.reason`) when the outcome is `REJECTED`.

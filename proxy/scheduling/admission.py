@@ -32,14 +32,16 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 
-from proxy.config import LimitsConfig
+from proxy.config import BackendConfig, LimitsConfig
 from proxy.errors import ProxyError, QueueTimeout
 from proxy.ollama.names import canonical_model
 from proxy.scheduling.capacity import CapacityLedger, Claim, LocalLedger
 from proxy.scheduling.policy import Fifo, SchedulingPolicy
 from proxy.scheduling.queue import WaitQueue
+from proxy.scheduling.routing import Router
 from proxy.scheduling.waiter import Waiter
 from proxy.units import counted, format_duration
 
@@ -95,6 +97,11 @@ class Slot:
         return self._waiter.claim.client
 
     @property
+    def backend(self) -> str:
+        """The backend the slot was granted on (empty while waiting, or without a router)."""
+        return self._waiter.claim.backend
+
+    @property
     def enqueued_at(self) -> float:
         """Loop time of arrival (kept when the request is sent back to the queue)."""
         return self._waiter.enqueued_at
@@ -126,9 +133,14 @@ class Admission:
         *,
         policy: SchedulingPolicy | None = None,
         ledger: CapacityLedger | None = None,
+        router: Router | None = None,
+        backends: Mapping[str, BackendConfig] | None = None,
     ) -> None:
         self._limits = limits
-        self._ledger = LocalLedger(limits) if ledger is None else ledger
+        self._ledger = LocalLedger(limits, backends) if ledger is None else ledger
+        #: Where a slot goes (the fleet); None: no backend named, only fleet-wide limits.
+        self._router = router
+        self._by_backend: Counter[str] = Counter()
         self._queue = WaitQueue(
             Fifo() if policy is None else policy, limits, max_queued_per_client, self._expire
         )
@@ -178,7 +190,16 @@ class Admission:
                 failed += 1
         return failed
 
-    def configure(self, limits: LimitsConfig, max_queued_per_client: int = 0) -> None:
+    def route(self, router: Router) -> None:
+        """Name the backends slots are taken on from now (the server wires the fleet here)."""
+        self._router = router
+
+    def configure(
+        self,
+        limits: LimitsConfig,
+        max_queued_per_client: int = 0,
+        backends: Mapping[str, BackendConfig] | None = None,
+    ) -> None:
         """Apply new limits at once: waiting requests keep their place and arrival time.
 
         Lowering a limit never stops a running request; it only admits fewer.
@@ -186,7 +207,12 @@ class Admission:
         """
         self._limits = limits
         self._queue.configure(limits, max_queued_per_client)
-        self._ledger.configure(limits)  # reports room: a pass admits whoever now fits
+        # Reports room: a pass admits whoever now fits. Backends only when they are given,
+        # so a ledger that counts no backends keeps part one's one-argument form.
+        if backends is None:
+            self._ledger.configure(limits)
+        else:
+            self._ledger.configure(limits, backends)
 
     # -- views, for metrics and the queue page ---------------------------------
 
@@ -224,6 +250,10 @@ class Admission:
         oldest = self._queue.oldest()
         return 0.0 if oldest is None else asyncio.get_running_loop().time() - oldest.enqueued_at
 
+    def running_by_backend(self) -> Counter[str]:
+        """Slots held per backend (by `backends` name)."""
+        return Counter(self._by_backend)
+
     def running_by_model(self) -> Counter[str]:
         return Counter(waiter.claim.model for waiter in self._holding)
 
@@ -253,8 +283,8 @@ class Admission:
         """Return holding a slot for `waiter`: at once if there is room, else after waiting."""
         reports = self._room_reports
         if not self._paused:
-            answer = self._ledger.take(waiter.claim)
-            if answer if isinstance(answer, bool) else await self._answer(waiter.claim, answer):
+            answer = self._take(waiter)
+            if answer if isinstance(answer, bool) else await self._answer(waiter, answer):
                 self._hold(waiter)
                 return
         self._queue.check_room(waiter.claim, lambda: self.retry_after(waiter.claim.model))
@@ -308,11 +338,46 @@ class Admission:
 
     def _hold(self, waiter: Waiter) -> None:
         self._holding[waiter] = None
+        self._by_backend[waiter.claim.backend] += 1
         waiter.admitted_at = asyncio.get_running_loop().time()
 
     def _unhold(self, waiter: Waiter) -> None:
         waiter.admitted_at = None
         del self._holding[waiter]
+        self._by_backend[waiter.claim.backend] -= 1
+        if not self._by_backend[waiter.claim.backend]:
+            del self._by_backend[waiter.claim.backend]
+
+    def _take(self, waiter: Waiter) -> bool | Awaitable[bool]:
+        """Ask the ledger for a slot for `waiter`: without a router for its claim as it is,
+        with one on each backend the router names, best first; the granted claim (naming
+        its backend) becomes the waiter's. Answers at once unless the ledger does not."""
+        if self._router is None:
+            return self._ledger.take(waiter.claim)
+        names = self._router.candidates(waiter.claim.model, self._by_backend)
+        for index, name in enumerate(names):
+            claim = replace(waiter.claim, backend=name)
+            answer = self._ledger.take(claim)
+            if not isinstance(answer, bool):
+                return self._take_later(waiter, claim, answer, names[index + 1 :])
+            if answer:
+                waiter.claim = claim
+                return True
+        return False
+
+    async def _take_later(
+        self, waiter: Waiter, claim: Claim, answer: Awaitable[bool], rest: Sequence[str]
+    ) -> bool:
+        """`_take` once the ledger answers later: the remaining backends one round trip each."""
+        while True:
+            if await answer:
+                waiter.claim = claim
+                return True
+            if not rest:
+                return False
+            claim, rest = replace(claim, backend=rest[0]), rest[1:]
+            taken = self._ledger.take(claim)
+            answer = _ready(taken) if isinstance(taken, bool) else taken
 
     def _grant(self, waiter: Waiter) -> None:
         """Admit a waiter the ledger has counted a slot for; its task resumes later."""
@@ -347,7 +412,7 @@ class Admission:
             waiter = candidates[index]
             if not (waiter.waiting and waiter in self._queue):
                 continue  # left since the pass began, or its task's cleanup is pending
-            answer = self._ledger.take(waiter.claim)
+            answer = self._take(waiter)
             if not isinstance(answer, bool):
                 self._pass = asyncio.ensure_future(self._resume_walk(candidates, index, answer))
                 return
@@ -357,7 +422,7 @@ class Admission:
     async def _resume_walk(self, candidates: list[Waiter], index: int, answer: Awaitable[bool]) -> None:
         waiter = candidates[index]
         try:
-            if await self._answer(waiter.claim, answer):
+            if await self._answer(waiter, answer):
                 if waiter.waiting and waiter in self._queue and not self._paused:
                     self._grant(waiter)
                 else:
@@ -369,18 +434,21 @@ class Admission:
         else:
             self._walk(candidates, index + 1)
 
-    async def _answer(self, claim: Claim, answer: Awaitable[bool]) -> bool:
-        """The ledger's later answer; a slot it grants after we were cancelled is given back."""
+    async def _answer(self, waiter: Waiter, answer: Awaitable[bool]) -> bool:
+        """The ledger's later answer; a slot it grants after we were cancelled is given back
+        (on the backend it was granted on: the waiter's claim by then)."""
         pending = asyncio.ensure_future(answer)
         try:
             return await asyncio.shield(pending)
         except asyncio.CancelledError:
             if pending.cancelled():  # the ledger gave up on its own: no slot was taken
                 return False
-            pending.add_done_callback(lambda done: self._give_late(claim, done))
+            pending.add_done_callback(lambda done: self._give_late(waiter.claim, done))
             raise
         except Exception:
-            log.exception("the capacity ledger failed to answer for model %s; taken as no room", claim.model)
+            log.exception(
+                "the capacity ledger failed to answer for model %s; taken as no room", waiter.claim.model
+            )
             return False
 
     def _give_late(self, claim: Claim, answer: asyncio.Future[bool]) -> None:
@@ -398,3 +466,7 @@ class Admission:
                 retry_after=self.retry_after(waiter.claim.model),
             )
         )
+
+
+async def _ready(answer: bool) -> bool:
+    return answer

@@ -91,6 +91,14 @@ class Simulator:
         # entry), so a test can make that line larger than a proxy's line buffer.
         self.context_size = 0
 
+        #: Models held in memory at once (0: no limit); loading another evicts the least recently used.
+        self.max_loaded = 0
+        #: Seconds a generation waits while its model is loaded into memory (a "swap").
+        self.swap_delay = 0.0
+        #: Models loaded into memory since start: each time a generation found its model not loaded.
+        self.swaps = 0
+        self._loaded: dict[str, None] = {}  # canonical names, least recently used first
+
         self.active = 0
         self.peak = 0
         self.records: list[GenRecord] = []
@@ -269,6 +277,7 @@ class Simulator:
             await reply.error(404, f"model '{model}' not found", openai, "not_found_error")
             return
 
+        await self._load(canonical_model(model))
         await asyncio.sleep(knobs.load_delay)
         if knobs.fault == "status":
             await reply.error(knobs.fault_status, "simulated failure", openai)
@@ -286,6 +295,25 @@ class Simulator:
             return
         await reply.play(plan, knobs)
 
+    async def _load(self, model: str) -> None:
+        """Have `model` in memory: a use of a loaded one only refreshes it; another is a swap,
+        evicting the least recently used past `max_loaded`, and costs `swap_delay`."""
+        if model in self._loaded:
+            self._loaded[model] = self._loaded.pop(model)
+            return
+        self.swaps += 1
+        self._loaded[model] = None
+        while self.max_loaded and len(self._loaded) > self.max_loaded:
+            del self._loaded[next(iter(self._loaded))]
+        self._changed()
+        if self.swap_delay:
+            await asyncio.sleep(self.swap_delay)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Canonical names of the models in memory, least recently used first (what /api/ps lists)."""
+        return list(self._loaded)
+
     # -- other endpoints ---------------------------------------------------------------
 
     async def _root(self, request: web.Request) -> web.Response:
@@ -298,11 +326,10 @@ class Simulator:
         return json_response({"models": [model_entry(name) for name in self.model_names()]})
 
     async def _ps(self, request: web.Request) -> web.Response:
-        """Models count as loaded once they have served a generation, as in Ollama."""
-        used = {canonical_model(r.model) for r in self.records if r.model}
+        """The models in memory: loaded by a generation, until evicted past `max_loaded`."""
         loaded = []
         for name in self.model_names():
-            if name in used:
+            if name in self._loaded:
                 entry = {key: value for key, value in model_entry(name).items() if key != "modified_at"}
                 loaded.append(
                     {

@@ -1,0 +1,201 @@
+"""Several Ollama hosts behind one proxy: simulated hosts on loopback, real HTTP.
+
+Per-backend caps, model-aware routing, affinity to the host that has the model
+loaded (counted in swaps by the simulators), failover when a host dies, a host
+coming back, and a reload adding and removing hosts under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from proxy.config import config_from_dict
+from proxy.server import Server
+from proxy.sim import Simulator
+from tests.support import eventually, sample, scrape
+
+#: Every load loop is bounded in time as well as in count.
+BOUND = 60
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[list[Simulator]]:
+    """Three simulated hosts; each test gives them their models and knobs."""
+    started = [Simulator() for _ in range(3)]
+    for each in started:
+        await each.start()
+    try:
+        yield started
+    finally:
+        for each in started:
+            await each.close()
+
+
+def fleet_config(backends: dict[str, tuple[Simulator, int]], **sections: dict) -> dict:
+    data: dict = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "shutdown_grace": "2s",
+        "health": {"interval": "100ms", "timeout": "1s"},
+        "backends": {
+            name: {"url": sim.url, "max_concurrent": most} for name, (sim, most) in backends.items()
+        },
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data
+
+
+@pytest.fixture
+async def start() -> AsyncIterator:
+    servers: list[Server] = []
+
+    async def make(backends: dict[str, tuple[Simulator, int]], **sections: dict) -> Server:
+        server = Server(config_from_dict(fleet_config(backends, **sections)))
+        await server.start()
+        servers.append(server)
+        names = list(backends)
+        await eventually(
+            lambda: all(server.state.health.member(n).models is not None for n in names), timeout=10
+        )
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=BOUND), connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+        yield session
+
+
+async def generate(http: aiohttp.ClientSession, proxy: Server, model: str, stream: bool = False) -> tuple:
+    body = {"model": model, "prompt": "p", "stream": stream}
+    async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
+        return resp.status, await resp.read()
+
+
+def ran_on(sim: Simulator, model: str) -> int:
+    return sum(1 for record in sim.records if record.model == model)
+
+
+async def test_each_backend_runs_at_most_its_own_max_concurrent(sims, start, http):
+    a, b, _ = sims
+    for sim in (a, b):
+        sim.token_delay = 0.02
+    proxy = await start({"a": (a, 2), "b": (b, 1)})
+    assert proxy.state.config.limits.max_concurrent == 3  # the fleet's sum
+    async with asyncio.timeout(BOUND):
+        answers = await asyncio.gather(*(generate(http, proxy, "llama3.2") for _ in range(15)))
+    assert [status for status, _ in answers] == [200] * 15
+    assert a.peak <= 2 and b.peak <= 1
+    assert len(a.records) + len(b.records) == 15 and a.records and b.records
+
+
+async def test_a_model_only_one_host_has_reaches_only_it_and_an_unknown_one_is_404(sims, start, http):
+    a, b, _ = sims
+    a.models, b.models = {"llama3.2"}, {"big"}
+    proxy = await start({"a": (a, 2), "b": (b, 2)})
+    async with asyncio.timeout(BOUND):
+        answers = await asyncio.gather(*(generate(http, proxy, "big") for _ in range(6)))
+    assert [status for status, _ in answers] == [200] * 6
+    assert ran_on(b, "big") == 6 and not a.records
+    status, body = await generate(http, proxy, "nowhere")
+    assert status == 404 and json.loads(body) == {"error": "model 'nowhere' not found"}
+    assert proxy.state.admission.waiting_total == 0
+
+
+async def test_affinity_to_the_host_with_the_model_loaded_saves_swaps(sims, start, http):
+    """Two models, two hosts that each hold one: the proxy's stream swaps about twice,
+    blind round-robin once per request."""
+    a, b, _ = sims
+    for sim in (a, b):
+        sim.models, sim.max_loaded = {"llama3.2", "big"}, 1
+    stream = [model for model, _ in zip(itertools.cycle(["llama3.2", "llama3.2", "big", "big"]), range(24))]
+
+    proxy = await start({"a": (a, 1), "b": (b, 1)})
+    async with asyncio.timeout(BOUND):
+        for model in stream:
+            assert (await generate(http, proxy, model))[0] == 200
+    routed = a.swaps + b.swaps
+
+    for sim in (a, b):
+        sim.swaps = 0
+    hosts = itertools.cycle([a, b])
+    async with asyncio.timeout(BOUND):
+        for model in stream:  # what a balancer blind to loaded models does
+            body = {"model": model, "prompt": "p", "stream": False}
+            async with http.post(next(hosts).url + "/api/generate", json=body) as resp:
+                assert resp.status == 200
+    blind = a.swaps + b.swaps
+    print(f"swaps for {len(stream)} requests: affinity {routed}, round-robin {blind}")
+    assert routed <= 3
+    assert blind >= len(stream) - 2
+
+
+async def test_a_host_killed_mid_run_fails_over_and_nothing_waits_forever(sims, start, http):
+    a, b, _ = sims
+    for sim in (a, b):
+        sim.tokens, sim.token_delay = 20, 0.05
+    proxy = await start({"a": (a, 2), "b": (b, 2)})
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(BOUND):
+        tasks = [asyncio.create_task(generate(http, proxy, "llama3.2", stream=True)) for _ in range(10)]
+        streaming = lambda: sum(1 for r in a.records if r.chunks and r.ended_at is None) == 2  # noqa: E731
+        await a.wait_until(streaming, timeout=10)
+        died = loop.time()
+        await a.close()
+        member = proxy.state.health.member("a")
+        assert member is not None
+        await eventually(lambda: not member.may_run("llama3.2"), timeout=10)
+        out_after = loop.time() - died
+        answers = await asyncio.gather(*tasks)
+    print(f"host a out of rotation {out_after * 1000:.0f} ms after its death")
+    assert [status for status, _ in answers] == [200] * 10  # streamed: the status went out first
+    cut = [body for _, body in answers if b'"error"' in body.splitlines()[-1]]
+    assert len(cut) == 2  # the two running on a end with the in-band error
+    assert all(json.loads(body.splitlines()[-1]).get("done") for _, body in answers if body not in cut)
+    assert len(b.records) == 8
+    await eventually(lambda: member.up is False, timeout=10)
+    assert proxy.state.health.up is True
+
+    # The host comes back: it is probed back into rotation and gets requests again.
+    await a.start(port=int(a.url.rsplit(":", 1)[1]))
+    await eventually(lambda: member.up is True, timeout=10)
+    a.token_delay = b.token_delay = 0.0
+    async with asyncio.timeout(BOUND):
+        await asyncio.gather(*(generate(http, proxy, "llama3.2") for _ in range(8)))
+    assert len(a.records) > 2
+
+
+async def test_a_reload_adds_and_removes_hosts_under_load(sims, start, http):
+    a, b, c = sims
+    for sim in sims:
+        sim.tokens, sim.token_delay = 10, 0.05
+    proxy = await start({"a": (a, 2), "b": (b, 2)})
+    async with asyncio.timeout(BOUND):
+        first = [asyncio.create_task(generate(http, proxy, "llama3.2", stream=True)) for _ in range(4)]
+        await a.wait_until(lambda: a.active == 2, timeout=10)
+        proxy.apply(config_from_dict(fleet_config({"b": (b, 2), "c": (c, 2)})))
+        assert proxy.state.config.limits.max_concurrent == 4
+        on_a = len(a.records)
+        second = [asyncio.create_task(generate(http, proxy, "llama3.2", stream=True)) for _ in range(6)]
+        answers = await asyncio.gather(*first, *second)
+    for _, body in answers:
+        assert json.loads(body.splitlines()[-1])["done"] is True  # none dropped, a's ran to the end
+    assert len(a.records) == on_a == 2
+    assert c.records and len(b.records) + len(c.records) == 8
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_requests_total", endpoint="generate", status="200") >= 0

@@ -121,6 +121,7 @@ class Server:
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
         metrics.watch(admission)
         metrics.watch_upstream(lambda: health.up)
+        metrics.watch_backends(lambda: health.gauges(admission.running_by_backend()))
         self.state = ProxyState(
             config=config, admission=admission, metrics=metrics, health=health, reload=self.reload
         )

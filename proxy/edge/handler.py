@@ -50,6 +50,7 @@ from proxy.ollama.names import canonical_model
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Slot
 from proxy.units import format_duration
+from proxy.upstream import listings
 from proxy.upstream.relay import relay
 
 log = logging.getLogger("proxy.handler")
@@ -117,8 +118,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             ex.model = canonical_model(job.model)
         if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
             ex.phase = Phase.RUNNING
+            if request.method == "GET" and path in listings.MERGED and len(state.health.names()) > 1:
+                if (response := await _merged(state, config, path, ex, cors)) is not None:
+                    return response
             reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)
-            ex.backend = state.health.first_healthy()
+            shown = listings.shown_model(body.read()) if path == "/api/show" else None
+            ex.backend = state.health.for_model(shown)
             ex.status = await _relay(state, config, request, path, body, reply, ex)
             return await _finish(reply, ex)
 
@@ -188,6 +193,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
         ex.sent = reply.sent if reply else ex.sent
         state.metrics.observe(ex)
         accesslog.write(ex)
+
+
+async def _merged(
+    state: ProxyState, config: Config, path: str, ex: Exchange, cors: access.CorsHeaders
+) -> web.Response | None:
+    """The fleet's listing as one Ollama's (`listings.merged`); None when no backend answered."""
+    assert state.session is not None, "client session is opened in cleanup_ctx"
+    answer = await listings.merged(state.session, state.health.healthy_urls(), path, config.timeouts.connect)
+    if answer is None:
+        return None
+    response = web.json_response(answer, headers=dict(cors))
+    ex.status, ex.outcome, ex.sent = 200, Outcome.OK, len(response.body or b"")
+    return response
 
 
 async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:

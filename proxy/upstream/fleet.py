@@ -23,6 +23,7 @@ import aiohttp
 
 from proxy.config import BackendConfig, Config
 from proxy.errors import ModelNotFound, ProxyError
+from proxy.observe.metrics import BackendGauges
 from proxy.upstream.health import Gate, Probe, UpstreamHealth
 
 log = logging.getLogger("proxy.health")
@@ -118,6 +119,17 @@ class Fleet:
                 return name
         return next(iter(self._members))
 
+    def healthy_urls(self) -> list[str]:
+        """The URLs of the backends up (or not probed yet), in config order."""
+        return [self._urls[name] for name, member in self._members.items() if member.up is not False]
+
+    def for_model(self, model: str | None) -> str:
+        """A healthy backend that lists `model` (for `/api/show`); else the first healthy."""
+        for name, member in self._members.items():
+            if model is not None and member.up is not False and member.lists(model):
+                return name
+        return self.first_healthy()
+
     def view(self, running: Mapping[str, int]) -> dict[str, object]:
         """For `/-/queue`: each backend's health, slots and models."""
         backends = {}
@@ -132,6 +144,15 @@ class Fleet:
             }
         first = self._members[self.first_healthy()].view()  # part one's fields, for one upstream
         return {**first, "up": self.up, "backends": backends}
+
+    def gauges(self, running: Mapping[str, int]) -> list[BackendGauges]:
+        """Each backend for /metrics: in rotation, slots held, its limit."""
+        return [
+            BackendGauges(
+                name, member.up is not False, running.get(name, 0), self._backends[name].max_concurrent
+            )
+            for name, member in self._members.items()
+        ]
 
     # -- the router ------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import json
 from collections.abc import AsyncIterator
 
 import aiohttp
+import ollama
+import openai
 import pytest
 
 from proxy.config import config_from_dict
@@ -199,3 +201,68 @@ async def test_a_reload_adds_and_removes_hosts_under_load(sims, start, http):
     assert c.records and len(b.records) + len(c.records) == 8
     metrics = await scrape(http, proxy)
     assert sample(metrics, "ollama_proxy_requests_total", endpoint="generate", status="200") >= 0
+
+
+async def test_backends_are_visible_in_metrics_queue_page_and_readiness(sims, start, http):
+    a, b, _ = sims
+    a.models, b.models = {"llama3.2"}, {"big"}
+    proxy = await start({"a": (a, 2), "b": (b, 1)})
+    assert (await generate(http, proxy, "big"))[0] == 200
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_backend_up", backend="a") == 1
+    assert sample(metrics, "ollama_proxy_backend_max_concurrent", backend="b") == 1
+    assert sample(metrics, "ollama_proxy_backend_in_flight", backend="b") == 0
+    assert sample(metrics, "ollama_proxy_backend_requests_total", backend="b", code="200") == 1
+    async with http.get(proxy.admin_url + "/-/queue") as resp:
+        backends = (await resp.json())["upstream"]["backends"]
+    assert backends["b"]["max_concurrent"] == 1 and backends["b"]["up"] is True
+    assert backends["b"]["loaded"] == ["big:latest"] and backends["a"]["models"] == ["llama3.2:latest"]
+
+    await a.close()
+    await eventually(lambda: proxy.state.health.member("a").up is False, timeout=10)
+    async with http.get(proxy.admin_url + "/-/ready") as resp:
+        assert resp.status == 200 and (await resp.json())["healthy_backends"] == ["b"]
+    async with http.get(proxy.admin_url + "/-/queue") as resp:
+        backends = (await resp.json())["upstream"]["backends"]
+    assert backends["a"]["up"] is False and "not answering /api/version" in backends["a"]["last_error"]
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_backend_up", backend="a") == 0
+    await b.close()
+    await eventually(lambda: proxy.state.health.up is False, timeout=10)
+    async with http.get(proxy.admin_url + "/-/ready") as resp:
+        assert resp.status == 503
+
+
+async def test_the_fleet_looks_like_one_ollama(sims, start, http):
+    a, b, c = sims
+    a.models, b.models, c.models = {"llama3.2", "small"}, {"llama3.2", "big"}, {"tiny"}
+    proxy = await start({"a": (a, 1), "b": (b, 1), "c": (c, 1)})
+    listed = await ollama.AsyncClient(host=proxy.listen_url).list()
+    assert sorted(m.model for m in listed.models) == [
+        "big:latest",
+        "llama3.2:latest",
+        "small:latest",
+        "tiny:latest",
+    ]
+    models = await openai.AsyncOpenAI(base_url=proxy.listen_url + "/v1", api_key="-").models.list()
+    assert sorted(m.id for m in models.data) == [
+        "big:latest",
+        "llama3.2:latest",
+        "small:latest",
+        "tiny:latest",
+    ]
+    for model in ("big", "tiny"):
+        assert (await generate(http, proxy, model))[0] == 200
+    async with http.get(proxy.listen_url + "/api/ps") as resp:
+        assert sorted(m["name"] for m in (await resp.json())["models"]) == ["big:latest", "tiny:latest"]
+    shown = await ollama.AsyncClient(host=proxy.listen_url).show("tiny")  # only c has it
+    assert "FROM tiny:latest" in (shown.modelfile or "")
+    async with http.get(proxy.listen_url + "/api/version") as resp:
+        assert resp.status == 200 and "version" in await resp.json()
+
+    await c.close()  # a host that is down is left out of the union
+    await eventually(lambda: proxy.state.health.member("c").up is False, timeout=10)
+    async with http.get(proxy.listen_url + "/api/tags") as resp:
+        assert "tiny:latest" not in [m["name"] for m in (await resp.json())["models"]]
+    status, body = await generate(http, proxy, "tiny")
+    assert status == 404 and json.loads(body) == {"error": "model 'tiny' not found"}

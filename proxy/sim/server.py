@@ -175,6 +175,21 @@ class Simulator:
         await self._runner.cleanup()
         self._runner = None
 
+    async def refuse(self) -> None:
+        """Stop accepting connections while the generations in progress finish, as a host
+        taken out of service does (`close` is the crash: it cuts them off too)."""
+        if self._runner is not None:
+            for site in self._runner.sites:
+                await site.stop()
+            if self._runner.server is not None:
+                # Busy connections close after their answer, idle keep-alive ones now (as
+                # Go's http.Server.Shutdown does): a pooled one must not take a new request.
+                self._runner.server.pre_shutdown()
+                busy = {task.get_name() for task in self._handlers}
+                for conn in self._runner.server.connections:
+                    if conn.transport is not None and str(id(conn.transport)) not in busy:
+                        conn.transport.close()
+
     def reset_peak(self) -> None:
         """Restart peak tracking from the current number of active generations."""
         self.peak = self.active
@@ -229,6 +244,7 @@ class Simulator:
             path=request.path, model="", started_at=loop.time(), headers=request.headers, fault=knobs.fault
         )
         self.records.append(record)
+        task.set_name(str(id(request.transport)))  # so `refuse` knows the connection is busy
         self._handlers.add(task)
         self.active += 1
         self.peak = max(self.peak, self.active)

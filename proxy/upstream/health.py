@@ -313,7 +313,11 @@ class UpstreamHealth:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             log.debug("could not read %s/api/ps: %s", self._url, str(exc) or type(exc).__name__)
             return
-        self._loaded = _model_names(data)
+        loaded = _model_names(data)
+        if loaded != self._loaded and loaded is not None:
+            names = ", ".join(clip(name) for name in sorted(loaded)[:20]) or "none"
+            log.info("%s loaded models: %s", self.name, clip(names, 1000))
+        self._loaded = loaded
 
     def _set_models(self, models: frozenset[str] | None, sent: float) -> None:
         if models != self._models:

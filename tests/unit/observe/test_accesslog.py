@@ -25,10 +25,10 @@ def access_record(ex: Exchange, caplog: pytest.LogCaptureFixture) -> logging.Log
 
 
 def test_text_line_has_every_field(caplog) -> None:
-    record = access_record(exchange(), caplog)
+    record = access_record(exchange(backend="gpu-a"), caplog)
     assert logs.TextFormatter().format(record) == (
         "2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path=/api/chat model=llama3:latest "
-        "key=alice status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301"
+        "key=alice backend=gpu-a status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301"
     )
     assert (record.name, record.levelno, record.getMessage()) == (
         "proxy.access",
@@ -50,7 +50,7 @@ def test_text_line_marks_unknowns_and_quotes_what_could_break_it(caplog) -> None
     line = logs.TextFormatter().format(access_record(ex, caplog))
     assert line == (
         '2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path="/a b/\\"q\\"\\n=x/\\u00e9" model=- '
-        "key=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=-"
+        "key=- backend=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=-"
     )
     assert "\n" not in line
     partial = logs.TextFormatter().format(access_record(exchange(usage=Usage(completion_tokens=301)), caplog))
@@ -58,7 +58,7 @@ def test_text_line_marks_unknowns_and_quotes_what_could_break_it(caplog) -> None
 
 
 def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
-    record = access_record(exchange(), caplog)
+    record = access_record(exchange(backend="gpu-a"), caplog)
     assert json.loads(logs.JsonFormatter().format(record)) == {
         "time": "2026-11-24T09:01:02.123Z",
         "level": "INFO",
@@ -69,6 +69,7 @@ def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
         "path": "/api/chat",
         "model": "llama3:latest",
         "key": "alice",
+        "backend": "gpu-a",
         "status": 200,
         "outcome": "ok",
         "wait": 12.345,

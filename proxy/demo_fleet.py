@@ -22,7 +22,7 @@ from typing import TextIO
 import aiohttp
 
 from proxy.config import config_from_dict
-from proxy.demo import _quiet_logs
+from proxy.demo import run_narrated
 from proxy.server import Server
 from proxy.sim import Simulator
 
@@ -31,16 +31,11 @@ MODELS = ("llama3.2", "qwen3")
 TOKENS = 10
 TOKEN_DELAY = 0.05
 REQUEST_TIMEOUT = 30.0
-INTERRUPTED = 130
 
 
 def run_fleet_demo() -> int:
-    try:
-        with _quiet_logs():
-            return asyncio.run(_demo(sys.stdout))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return INTERRUPTED
+    """Run the fleet demo; exit code 0 when no request failed and none reached the lost host."""
+    return run_narrated(_demo)
 
 
 async def _demo(out: TextIO) -> int:

@@ -23,6 +23,12 @@ Cancellation safety: a slot is counted the moment it is granted, before its
 task resumes, so a task cancelled between grant and resume hands the slot on
 in its own cleanup; a task cancelled while waiting just leaves the queue.
 Either way nothing is leaked and `__aexit__` runs only for slots held.
+
+With several Ollama hosts, a `Router` (the fleet) names where a slot may go,
+best first, and `_take` asks the ledger for each in turn: the granted claim names
+its backend, so the ledger counts the backend's own limits and the relay knows
+where to send the request. A little over 400 lines because that "where" belongs
+with the grant it is part of (a later answer from the ledger tries the rest).
 """
 
 from __future__ import annotations

@@ -57,3 +57,12 @@ async def test_smallest_run_reports_every_figure() -> None:
     assert "0 clients without a frame, 0 connections lost" in waiting
     text = report.table(results)
     assert all(figure in text for figure in by_name)
+
+
+def test_routing_bench_measures_each_fleet_size(capsys) -> None:
+    from bench import routing
+
+    assert routing.main(["400"]) == 0
+    out = capsys.readouterr().out
+    assert "no router (one upstream)" in out
+    assert "router over 2 backends" in out and "router over 20 backends" in out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -20,7 +22,7 @@ import pytest
 from proxy.config import config_from_dict
 from proxy.server import Server
 from proxy.sim import Simulator
-from tests.support import eventually, sample, scrape
+from tests.support import eventually, proxy_config, sample, scrape
 
 #: Every load loop is bounded in time as well as in count.
 BOUND = 60
@@ -40,47 +42,28 @@ async def sims() -> AsyncIterator[list[Simulator]]:
 
 
 def fleet_config(backends: dict[str, tuple[Simulator, int]], **sections: dict) -> dict:
-    data: dict = {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "admin": {"host": "127.0.0.1", "port": 0},
-        "shutdown_grace": "2s",
-        "health": {"interval": "100ms", "timeout": "1s"},
-        "backends": {
-            name: {"url": sim.url, "max_concurrent": most} for name, (sim, most) in backends.items()
-        },
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
+    return proxy_config("", **{**FLEET_SECTIONS, "backends": _backends(backends), **sections})
+
+
+FLEET_SECTIONS: dict = {"health": {"interval": "100ms", "timeout": "1s"}}
+
+
+def _backends(backends: dict[str, tuple[Simulator, int]]) -> dict:
+    return {name: {"url": sim.url, "max_concurrent": most} for name, (sim, most) in backends.items()}
 
 
 @pytest.fixture
-async def start() -> AsyncIterator:
-    servers: list[Server] = []
+def start(make_proxy):
+    """Start a proxy in front of the named hosts ({name: (simulator, max_concurrent)}), once
+    each host's model list has been read."""
 
     async def make(backends: dict[str, tuple[Simulator, int]], **sections: dict) -> Server:
-        server = Server(config_from_dict(fleet_config(backends, **sections)))
-        await server.start()
-        servers.append(server)
-        names = list(backends)
-        await eventually(
-            lambda: all(server.state.health.member(n).models is not None for n in names), timeout=10
-        )
+        server = await make_proxy(**{**FLEET_SECTIONS, "backends": _backends(backends), **sections})
+        members = [server.state.health.member(name) for name in backends]
+        await eventually(lambda: all(m is not None and m.models is not None for m in members), timeout=10)
         return server
 
-    try:
-        yield make
-    finally:
-        for server in servers:
-            await server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=BOUND), connector=aiohttp.TCPConnector(limit=0)
-    ) as session:
-        yield session
+    return make
 
 
 async def generate(http: aiohttp.ClientSession, proxy: Server, model: str, stream: bool = False) -> tuple:
@@ -266,3 +249,73 @@ async def test_the_fleet_looks_like_one_ollama(sims, start, http):
         assert "tiny:latest" not in [m["name"] for m in (await resp.json())["models"]]
     status, body = await generate(http, proxy, "tiny")
     assert status == 404 and json.loads(body) == {"error": "model 'tiny' not found"}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_chaos_with_several_hosts_keeps_every_invariant(sims, start, http, seed):
+    """Seeded faults on three hosts (mid-stream deaths, 500s, a host lost and back, one
+    refusing), clients leaving: every request ends within bounds with its answer or one
+    error, no host runs more than its own limit, none gets a request twice, nothing leaks."""
+    rng = random.Random(seed)
+    for sim in sims:
+        sim.tokens, sim.token_delay = 8, 0.01
+    proxy = await start(
+        {"a": (sims[0], 2), "b": (sims[1], 2), "c": (sims[2], 1)},
+        health={"interval": "100ms", "timeout": "1s", "outage_grace": "20s"},
+        timeouts={"read": "2s"},
+    )
+    ports = {sim: int(sim.url.rsplit(":", 1)[1]) for sim in sims}
+
+    async def client(number: int) -> str:
+        body = {"model": "llama3.2", "prompt": f"chaos {number}", "stream": rng.random() < 0.7}
+        leave = rng.random() < 0.15
+        try:
+            async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
+                if leave:
+                    await resp.content.read(1)
+                    return "left"
+                data = await resp.read()
+        except aiohttp.ClientError as exc:
+            return f"client error {exc}"
+        last = json.loads(data.strip().splitlines()[-1])
+        if last.get("done"):
+            return "done"
+        assert "error" in last, data[-300:]
+        return "error"
+
+    async def trouble() -> None:
+        for _ in range(12):
+            await asyncio.sleep(rng.uniform(0.05, 0.2))  # arrivals of trouble, not synchronisation
+            sim = rng.choice(sims)
+            action = rng.choice(["die", "status", "clear", "close", "restart", "refuse"])
+            if action in ("die", "status"):
+                sim.fault = action
+            elif action == "clear":
+                sim.fault = None
+            elif action in ("close", "refuse"):
+                await (sim.close() if action == "close" else sim.refuse())
+            else:
+                await sim.close()
+                await sim.start(port=ports[sim])
+
+    async with asyncio.timeout(BOUND):
+        clients = []
+        for number in range(60):
+            clients.append(asyncio.create_task(client(number)))
+            await asyncio.sleep(rng.uniform(0, 0.02))
+        chaos = asyncio.create_task(trouble())
+        await chaos
+        for sim in sims:  # every host back and healthy, so the waiting ones finish
+            sim.fault = None
+            await sim.close()
+            await sim.start(port=ports[sim])
+        outcomes = Counter(await asyncio.gather(*clients))
+    print(f"seed {seed}: {dict(outcomes)}")
+    assert sum(outcomes.values()) == 60 and not any(o.startswith("client error") for o in outcomes)
+    for sim, most in zip(sims, (2, 2, 1), strict=True):
+        assert sim.peak <= most
+    prompts = Counter(json.loads(r.body)["prompt"] for sim in sims for r in sim.records if r.body)
+    assert not [p for p, n in prompts.items() if n > 1]  # never sent twice
+    admission = proxy.state.admission
+    await eventually(lambda: admission.running_total == 0 and admission.waiting_total == 0, timeout=10)
+    assert not admission.running_by_backend()

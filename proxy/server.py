@@ -168,7 +168,9 @@ class Server:
         limits = config.limits
         log.info(
             "serving on %s (admin %s%s), upstream %s, max_concurrent=%d max_queue=%d models=%s",
-            self.listen_url, self.admin_url, config.metrics.path, config.upstream.url,
+            self.listen_url, self.admin_url, config.metrics.path,
+            ", ".join(f"{name}={backend.url}" for name, backend in config.fleet.items())
+            if config.backends else config.upstream.url,
             limits.max_concurrent, limits.max_queue, dict(limits.models) or "{}",
         )  # fmt: skip
         log_config_warnings(config)

@@ -19,7 +19,7 @@ import ollama
 import openai
 import pytest
 
-from proxy.config import config_from_dict
+from proxy.config import config_from_dict, load_config
 from proxy.server import Server
 from proxy.sim import Simulator
 from tests.support import eventually, proxy_config, sample, scrape
@@ -319,3 +319,24 @@ async def test_chaos_with_several_hosts_keeps_every_invariant(sims, start, http,
     admission = proxy.state.admission
     await eventually(lambda: admission.running_total == 0 and admission.waiting_total == 0, timeout=10)
     assert not admission.running_by_backend()
+
+
+async def test_a_reload_from_the_file_applies_backend_changes(sims, http, tmp_path):
+    a, b, _ = sims
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(fleet_config({"a": (a, 1)})))
+    server = Server(load_config(path), path)
+    await server.start()
+    try:
+        path.write_text(json.dumps(fleet_config({"b": (b, 3)})))
+        assert server.reload() == []
+        assert server.state.health.names() == ["b"] and server.config.limits.max_concurrent == 3
+        assert (await generate(http, server, "llama3.2"))[0] == 200
+        assert len(b.records) == 1 and not a.records
+        both = {**fleet_config({"b": (b, 3)}), "upstream": {"url": a.url}}
+        path.write_text(json.dumps(both))
+        problems = server.reload()
+        assert any("upstream.url: give either upstream.url" in p for p in problems)
+        assert server.state.health.names() == ["b"]  # the running config stands
+    finally:
+        await server.stop()

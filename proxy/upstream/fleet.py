@@ -15,7 +15,6 @@ when no backend is up; part one's outage grace then runs for the fleet as a whol
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
@@ -253,8 +252,10 @@ class Fleet:
                     tasks.pop(member).cancel()
                 for member in current - tasks.keys():
                     tasks[member] = asyncio.create_task(member.run(session), name=f"probe {member.name}")
-                with contextlib.suppress(TimeoutError):
-                    await self._changed.wait()
+                await self._changed.wait()
+                # The backends changed: pause if none left is up (a removed one may have been
+                # the last), else let a pass send waiters to the new ones.
+                self._gate.pause()
                 self._gate.resume()
         finally:
             for task in tasks.values():

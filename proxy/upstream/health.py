@@ -16,6 +16,11 @@ the outage outlasts `health.outage_grace`, every waiting request gets a 503.
 "Reachable" means upstream answered `/api/version` with any status below 500
 within the timeout: something that speaks HTTP is there. (`/-/ready` is
 stricter and wants a 200.)
+
+With several hosts each has one of these (`upstream.fleet`): failures count up to
+`health.unhealthy_after`, and `/api/ps` says what is loaded. A little over 400
+lines because probing, the lists it reads and the outage it decides are one
+state machine, kept in one place.
 """
 
 from __future__ import annotations

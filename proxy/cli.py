@@ -18,6 +18,7 @@ from pathlib import Path
 
 from proxy.config import Config, ConfigError, FileStamp, config_warnings, load_config, read_config, summary
 from proxy.demo import run_demo
+from proxy.demo_fleet import run_fleet_demo
 from proxy.observe import logs
 from proxy.server import Server
 
@@ -43,13 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a config file and summarise it")
     check.add_argument("path", metavar="PATH")
-    commands.add_parser("demo", help="run the proxy against a simulated Ollama and show it queue")
+    demo = commands.add_parser("demo", help="run the proxy against a simulated Ollama and show it queue")
+    demo.add_argument(
+        "--fleet", action="store_true", help="two simulated hosts, one lost halfway: routing and failover"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "check-config":
         return check_config(args.path)
     if args.command == "demo":
-        return run_demo()
+        return run_fleet_demo() if args.fleet else run_demo()
     return serve(args.config, watch=args.watch)
 
 

@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -212,9 +212,14 @@ class View:
 
 def run_demo() -> int:
     """Run the demo; exit code 0 when every request completed within the limit."""
+    return run_narrated(_demo)
+
+
+def run_narrated(demo: Callable[[TextIO], Coroutine[None, None, int]]) -> int:
+    """Run a demo that narrates on stdout, with the proxy's INFO lines held back; its exit code."""
     try:
         with _quiet_logs():
-            return asyncio.run(_demo(sys.stdout))
+            return asyncio.run(demo(sys.stdout))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED

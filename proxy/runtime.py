@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.observe.metrics import Metrics
 from proxy.scheduling.admission import Admission
-from proxy.upstream.health import UpstreamHealth
+from proxy.upstream.fleet import Fleet
 
 
 @dataclass(eq=False)
@@ -23,8 +23,8 @@ class ProxyState:
     config: Config
     admission: Admission
     metrics: Metrics
-    #: Upstream up or down, and the models it lists.
-    health: UpstreamHealth
+    #: The backends: each up or down, the models it lists and has loaded; where requests go.
+    health: Fleet
     session: aiohttp.ClientSession | None = None
     #: New requests are refused (503) while admitted and queued ones finish.
     draining: bool = False

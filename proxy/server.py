@@ -31,7 +31,7 @@ from proxy.scheduling.capacity import CapacityLedger
 from proxy.scheduling.fair import FairShare, fair_share, per_key_bounds, weights_of
 from proxy.scheduling.policy import SchedulingPolicy
 from proxy.units import counted, format_duration
-from proxy.upstream.health import UpstreamHealth
+from proxy.upstream.fleet import Fleet
 
 log = logging.getLogger("proxy")
 
@@ -67,7 +67,7 @@ async def _health_probes(app: web.Application) -> AsyncIterator[None]:
     """The upstream probe runs while the listen app does, over its session (closed after it)."""
     state = app[STATE]
     assert state.session is not None, "the client session's cleanup_ctx comes first"
-    task = asyncio.create_task(state.health.run(state.session), name="upstream health probe")
+    task = asyncio.create_task(state.health.run(state.session), name="backend health probes")
     try:
         yield
     finally:
@@ -112,12 +112,20 @@ class Server:
         """`config_path` is the file a reload re-reads, and `read_at` its stamp when
         `config` was read from it (`read_config`), the baseline of `watch`."""
         policy = fair_share(config) if policy is None else policy
-        admission = Admission(config.limits, config.access.max_queued_per_key, policy=policy, ledger=ledger)
+        admission = Admission(
+            config.limits,
+            config.access.max_queued_per_key,
+            policy=policy,
+            ledger=ledger,
+            backends=config.fleet,
+        )
         self._configure_scheduling(admission, config)
-        health = UpstreamHealth(config.health, config.upstream.url, admission)
+        health = Fleet(config, admission)
+        admission.route(health)
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
         metrics.watch(admission)
         metrics.watch_upstream(lambda: health.up)
+        metrics.watch_backends(lambda: health.gauges(admission.running_by_backend()))
         self.state = ProxyState(
             config=config, admission=admission, metrics=metrics, health=health, reload=self.reload
         )
@@ -164,7 +172,9 @@ class Server:
         limits = config.limits
         log.info(
             "serving on %s (admin %s%s), upstream %s, max_concurrent=%d max_queue=%d models=%s",
-            self.listen_url, self.admin_url, config.metrics.path, config.upstream.url,
+            self.listen_url, self.admin_url, config.metrics.path,
+            ", ".join(f"{name}={backend.url}" for name, backend in config.fleet.items())
+            if config.backends else config.upstream.url,
             limits.max_concurrent, limits.max_queue, dict(limits.models) or "{}",
         )  # fmt: skip
         log_config_warnings(config)
@@ -213,8 +223,8 @@ class Server:
         """Every part that follows the config takes the reloaded one."""
         self.state.config = config
         logs.reapply(config.log)
+        self.state.health.configure(config)  # before admission's pass: new backends take waiters
         self._configure_scheduling(self.state.admission, config)
-        self.state.health.configure(config.health, config.upstream.url)
         self.state.metrics.configure(config.limits.models)
         self.connections.resize(config.max_connections)  # follows limits.max_queue unless set
 
@@ -223,7 +233,11 @@ class Server:
         """Limits, per-key bounds and the fair share's cost and weights; waiters keep their places."""
         queued, running = per_key_bounds(config)
         admission.configure(
-            config.limits, config.access.max_queued_per_key, max_queued=queued, max_running=running
+            config.limits,
+            config.access.max_queued_per_key,
+            config.fleet,
+            max_queued=queued,
+            max_running=running,
         )
         if isinstance(admission.policy, FairShare):
             admission.policy.configure(cost=config.scheduling.cost, weights=weights_of(config))

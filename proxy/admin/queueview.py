@@ -84,7 +84,8 @@ def snapshot(admission: Admission, draining: bool, now: float) -> dict[str, Any]
 async def queue(request: web.Request) -> web.Response:
     state = request.app[STATE]
     now = asyncio.get_running_loop().time()
-    view = {**snapshot(state.admission, state.draining, now), "upstream": state.health.view()}
+    upstream = state.health.view(state.admission.running_by_backend())
+    view = {**snapshot(state.admission, state.draining, now), "upstream": upstream}
     return web.json_response(view, headers=_NO_STORE)
 
 

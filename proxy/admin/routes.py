@@ -24,7 +24,8 @@ async def healthy(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Upstream answers and we are not draining: for load balancers and readiness probes."""
+    """A backend answers (at least one of the fleet) and we are not draining: for load
+    balancers and readiness probes."""
     state = request.app[STATE]
     if state.draining:
         return _not_ready("draining: the proxy is shutting down")
@@ -32,8 +33,12 @@ async def ready(request: web.Request) -> web.Response:
     probe = await state.health.probe()
     if not probe.ok:
         return _not_ready(probe.detail)
-    url = state.config.upstream.url
-    return web.json_response({"status": "ready", "upstream": url, "upstream_version": probe.detail})
+    fleet = state.health
+    url = fleet.url(fleet.first_healthy())
+    healthy = [name for name in fleet.names() if fleet.member(name).up]  # type: ignore[union-attr]
+    return web.json_response(
+        {"status": "ready", "upstream": url, "upstream_version": probe.detail, "healthy_backends": healthy}
+    )
 
 
 async def reload(request: web.Request) -> web.Response:

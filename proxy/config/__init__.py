@@ -8,10 +8,12 @@ and `summary` is what `check-config` prints.
 
 from proxy.config.load import FileStamp, load_config, read_config, stamp
 from proxy.config.schema import (
+    DEFAULT_BACKEND,
     PRIORITIES,
     RESTART_ONLY_KEYS,
     AccessConfig,
     AdminConfig,
+    BackendConfig,
     Config,
     ConfigError,
     HealthConfig,
@@ -32,9 +34,11 @@ from proxy.config.validate import config_from_dict
 
 __all__ = [
     "PRIORITIES",
+    "DEFAULT_BACKEND",
     "RESTART_ONLY_KEYS",
     "AccessConfig",
     "AdminConfig",
+    "BackendConfig",
     "Config",
     "ConfigError",
     "FileStamp",

@@ -65,6 +65,23 @@ def empty_mapping() -> Mapping[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One Ollama host of a fleet (`backends.NAME`): where it is and what it may run at once.
+
+    `max_concurrent` has no default in YAML (a host's capacity cannot be guessed);
+    `models` caps single models on this host, below its own `max_concurrent`.
+    """
+
+    url: str = "http://127.0.0.1:11434"
+    max_concurrent: int = 1
+    models: Mapping[str, int] = field(default_factory=empty_mapping)
+
+
+#: The name of the one backend that `upstream.url` alone stands for.
+DEFAULT_BACKEND = "default"
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """Admission limits; `models` caps individual models below the global limit."""
 
@@ -105,6 +122,8 @@ class HealthConfig:
     timeout: float = 2.0
     #: While upstream is unreachable, waiting requests keep their place this long; then 503.
     outage_grace: float = 30.0
+    #: Consecutive failures (a probe, or a connect error on a real request) that take a backend out.
+    unhealthy_after: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +227,17 @@ class Config:
     shutdown_grace: float = 30.0
     health: HealthConfig = field(default_factory=HealthConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    #: Several Ollama hosts by name; empty means the one host of `upstream.url` (see `fleet`).
+    backends: Mapping[str, BackendConfig] = field(default_factory=empty_mapping)
+
+    @property
+    def fleet(self) -> Mapping[str, BackendConfig]:
+        """The backends in force, in config order: `backends`, or else one named `default`
+        at `upstream.url` that may run everything `limits` allows."""
+        if self.backends:
+            return self.backends
+        url, limits = self.upstream.url, self.limits
+        return MappingProxyType({DEFAULT_BACKEND: BackendConfig(url, limits.max_concurrent)})
 
     @property
     def max_connections(self) -> int:

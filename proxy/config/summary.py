@@ -77,6 +77,18 @@ def _describe_grace(grace: float) -> str:
     return f"{format_duration(grace)} (waiting requests wait for an unreachable upstream, then 503)"
 
 
+def _describe_fleet(config: Config) -> tuple[str, str]:
+    """One row for where generations run: `upstream.url`, or every backend with its limits."""
+    if not config.backends:
+        return ("upstream.url", config.upstream.url)
+    hosts = []
+    for name, backend in config.backends.items():
+        caps = "".join(f", {model} {cap}" for model, cap in backend.models.items())
+        hosts.append(f"{name} {backend.url} ({backend.max_concurrent}{caps})")
+    after = config.health.unhealthy_after
+    return ("backends", f"{len(hosts)}: {'; '.join(hosts)}; out after {after} failures in a row")
+
+
 def summary(config: Config) -> str:
     """The effective limits, one per line and labelled by YAML path, so what
     `check-config` prints can be matched against the file at a glance."""
@@ -88,7 +100,7 @@ def summary(config: Config) -> str:
         ("listen", _format_address(config.listen.host, config.listen.port)),
         ("listen.max_connections", _describe_max_connections(config)),
         ("admin", f"{admin}  ({config.metrics.path} and /-/*)"),
-        ("upstream.url", config.upstream.url),
+        _describe_fleet(config),
         ("limits.max_concurrent", f"{limits.max_concurrent} generation requests at once"),
         ("limits.max_queue", queue),
         ("limits.queue_timeout", format_duration(limits.queue_timeout)),

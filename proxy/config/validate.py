@@ -4,8 +4,9 @@ Validation collects every problem before failing, because an operator fixing a
 file wants the whole list in one `check-config` run, not one error per attempt.
 Each problem names its YAML path so it can be found in the file.
 
-A little over 400 lines: the checks are small and alike, and the table that
-maps every YAML key to its check (`_CONFIG`) reads best next to them.
+A little under 500 lines: the checks are small and alike, and the table that
+maps every YAML key to its check (`_CONFIG`) reads best next to them (the
+fleet's checks need the same section helpers, so they live here too).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from proxy.config.schema import (
     LOG_LEVELS,
     AccessConfig,
     AdminConfig,
+    BackendConfig,
     Config,
     ConfigError,
     HealthConfig,
@@ -333,6 +335,42 @@ def _section(cls: type, checks: dict[str, _Check]) -> _Check:
 
 _port = _integer(0, 65535)
 _host = _scalar(_to_host)
+_backend = _section(
+    BackendConfig, {"url": _scalar(_to_url), "max_concurrent": _integer(1), "models": _check_models}
+)
+
+
+def _check_backends(value: object, path: str, problems: list[str]) -> Mapping[str, BackendConfig]:
+    """`{name: {url, max_concurrent, models}}`: each host's own limits, `max_concurrent` required
+    (a host's capacity cannot be guessed, and a wrong guess overloads or idles a GPU)."""
+    if value is None:
+        return empty_mapping()
+    if not isinstance(value, dict):
+        problems.append(
+            f"{path}: must be a mapping of backend name to {{url, max_concurrent, models}} (got {show(value)})"
+        )
+        return empty_mapping()
+    backends: dict[str, BackendConfig] = {}
+    urls: dict[str, str] = {}
+    for name, entry in value.items():
+        where = _join(path, name)
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{path}: backend names must be non-empty strings (got {show(name)})")
+            continue
+        if isinstance(entry, dict) and "max_concurrent" not in entry:
+            problems.append(f"{where}.max_concurrent: required: how many generations this host runs at once")
+        if isinstance(entry, dict) and "url" not in entry:
+            problems.append(f"{where}.url: required: the host's Ollama, such as http://10.0.0.5:11434")
+        backend = _backend(entry, where, problems)
+        if isinstance(backend, BackendConfig):
+            first = urls.setdefault(backend.url, name)
+            if first != name:
+                problems.append(
+                    f"{where}.url: the same host as {_join(path, first)} ({backend.url}); keep one"
+                )
+            backends[name] = backend
+    return MappingProxyType(backends)
+
 
 _CONFIG = _section(
     Config,
@@ -400,9 +438,11 @@ _CONFIG = _section(
                 "interval": _duration(allow_zero=False),
                 "timeout": _duration(allow_zero=False),
                 "outage_grace": _duration(allow_zero=True),
+                "unhealthy_after": _integer(1),
             },
         ),
         "scheduling": check_scheduling,
+        "backends": _check_backends,
     },
 )
 
@@ -421,6 +461,24 @@ def _same_socket(config: Config) -> bool:
     return len(hosts) == 1 or bool(hosts & _WILDCARD_HOSTS)
 
 
+def _fleet_limits(config: Config, data: dict[Any, Any], problems: list[str]) -> Config:
+    """`upstream.url` or `backends`, not both; with backends, `limits.max_concurrent`
+    defaults to the fleet's sum (a cap the fleet could not reach would idle its GPUs)."""
+    if not config.backends or config.limits is None:
+        return config
+    upstream = data.get("upstream")
+    if isinstance(upstream, dict) and "url" in upstream:
+        problems.append(
+            "upstream.url: give either upstream.url (one Ollama) or backends (several), not both; "
+            "move this host under backends"
+        )
+    limits = data.get("limits")
+    if isinstance(limits, dict) and limits.get("max_concurrent") is not None:
+        return config
+    total = sum(backend.max_concurrent or 0 for backend in config.backends.values())
+    return replace(config, limits=replace(config.limits, max_concurrent=max(1, total)))
+
+
 def config_from_dict(data: object, source: str = "config", base: str = ".") -> Config:
     """Validate parsed YAML into a `Config`, raising one `ConfigError` that
     lists every problem. `source` names the whole document (usually the file)
@@ -437,6 +495,8 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
         config = replace(config, access=replace(config.access, profiles=profiles))
     if config.request is not None and config.request.spool_dir:
         config = replace(config, request=_spool_dir(config.request, base, problems))
+    if isinstance(data, dict):
+        config = _fleet_limits(config, data, problems)
     if _same_socket(config):
         problems.append(
             f"admin.port: must differ from listen.port on the same host (got {config.admin.port})"

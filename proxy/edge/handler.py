@@ -51,6 +51,7 @@ from proxy.ollama.names import canonical_model
 from proxy.runtime import STATE, ProxyState
 from proxy.scheduling.admission import Slot
 from proxy.units import format_duration
+from proxy.upstream import listings
 from proxy.upstream.relay import relay
 
 log = logging.getLogger("proxy.handler")
@@ -118,7 +119,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             ex.model = canonical_model(job.model)
         if job is None or job.unload:  # an unload (`ollama stop`) generates nothing: it never waits
             ex.phase = Phase.RUNNING
+            if request.method == "GET" and path in listings.MERGED and len(state.health.names()) > 1:
+                if (response := await _merged(state, config, path, ex, cors)) is not None:
+                    return response
             reply = Reply(request, openai=route.openai, write_timeout=config.timeouts.write, cors=cors)
+            shown = listings.shown_model(body.read()) if path == "/api/show" else None
+            ex.backend = state.health.for_model(shown)
             ex.status = await _relay(state, config, request, path, body, reply, ex)
             return await _finish(reply, ex)
 
@@ -192,6 +198,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
         accesslog.write(ex)
 
 
+async def _merged(
+    state: ProxyState, config: Config, path: str, ex: Exchange, cors: access.CorsHeaders
+) -> web.Response | None:
+    """The fleet's listing as one Ollama's (`listings.merged`); None when no backend answered."""
+    assert state.session is not None, "client session is opened in cleanup_ctx"
+    answer = await listings.merged(state.session, state.health.healthy_urls(), path, config.timeouts.connect)
+    if answer is None:
+        return None
+    response = web.json_response(answer, headers=dict(cors))
+    ex.status, ex.outcome, ex.sent = 200, Outcome.OK, len(response.body or b"")
+    return response
+
+
 async def _finish(reply: Reply, ex: Exchange) -> web.StreamResponse:
     response = await reply.finish()
     ex.outcome = Outcome.OK if ex.status < 400 else Outcome.UPSTREAM_STATUS
@@ -229,20 +248,22 @@ async def _generate(
     while True:
         ex.phase, ex.waited = Phase.RUNNING, slot.waited
         reply.headers["X-Queue-Wait"] = f"{slot.waited:.3f}"
+        ex.backend = slot.backend
+        state.health.sent(slot.backend, slot.model)
         try:
             return await _relay(
                 state, config, request, path, body, reply, ex, generation=True, streaming=streaming, slot=slot
             )
         except UpstreamUnreachable as err:
-            if not state.health.keep_waiting(err.detail):
+            if not state.health.keep_waiting(err.detail, slot.backend, slot.model):
                 raise
             state.metrics.requeued(err.kind)
             log.warning(
-                "upstream unreachable, request keeps its place: %s %s model=%s: %s",
-                ex.method, clip(ex.path), clip(ex.model), clip(err.detail),
+                "upstream unreachable, request keeps its place: %s %s model=%s backend=%s: %s",
+                ex.method, clip(ex.path), clip(ex.model), slot.backend, clip(err.detail),
             )  # fmt: skip
         except UpstreamReset:
-            state.health.suspect()
+            state.health.suspect(slot.backend)
             raise
         ex.phase, ex.waited = Phase.QUEUED, None
         await slot.requeue()
@@ -261,7 +282,7 @@ async def _relay(
     streaming: bool = False,
     slot: Slot | None = None,
 ) -> int:
-    """Relay to upstream; for a generation, also note what upstream says it cost.
+    """Relay to upstream (the backend `ex.backend` names); for a generation, also note what upstream says it cost.
 
     A non-streamed generation is silent upstream until its answer is whole, so
     it is bounded by `timeouts.generation` in all instead of `timeouts.read`.
@@ -280,7 +301,7 @@ async def _relay(
     try:
         status = await relay(
             state.session,
-            config.upstream.url,
+            state.health.url(ex.backend),
             request,
             body,
             reply,

@@ -107,6 +107,7 @@ def record_fields(ex: Exchange) -> dict[str, object]:
         "path": clip(ex.path),
         "model": clip(ex.model) or None,
         "key": ex.client or None,
+        "backend": ex.backend or None,
         "status": ex.status,
         "outcome": ex.outcome_text,
         "wait": None if ex.waited is None else round(ex.waited, 3),
@@ -131,7 +132,8 @@ def text_line(ex: Exchange, time: str) -> str:
         f"path={_value(ex.path)} model={_value(ex.model or None)} key={_value(ex.client or None)} "
         f"status={_value(ex.status)} outcome={_value(ex.outcome_text)} wait={_value(ex.waited)} "
         f"duration={_value(ex.duration)} bytes={_value(ex.sent)} tokens={_value(tokens)} "
-        f"fair_client={_value(ex.party or None)} priority={_value(ex.priority or None)} cost={_value(ex.cost)}"
+        f"backend={_value(ex.backend or None)} fair_client={_value(ex.party or None)} "
+        f"priority={_value(ex.priority or None)} cost={_value(ex.cost)}"
     )
 
 

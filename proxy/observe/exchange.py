@@ -62,6 +62,8 @@ class Exchange:
     #: Cost charged to its party (tokens or requests), and the bounded metrics label for it.
     cost: float = 0.0
     cost_label: str = "other"
+    #: The backend (`backends.NAME`) the request was sent to; "" if it never was.
+    backend: str = ""
     status: int = CLIENT_GONE
     outcome: Outcome = Outcome.CLIENT_GONE
     #: The refusal's reason (`ProxyError.reason`) when the outcome is `REJECTED`.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter as CounterType
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -164,6 +164,10 @@ class Metrics:
             "name with scheduling.fairness: key, else one label 'other'",
             ["client"], registry=r,
         )  # fmt: skip
+        self.backend_requests = Counter(
+            "ollama_proxy_backend_requests", "Requests sent to a backend (backends.NAME), by status",
+            ["backend", "code"], registry=r,
+        )  # fmt: skip
         # What the generations themselves reported (see usage.py).
         self.tokens = Counter(
             "ollama_proxy_tokens", "Tokens upstream reported: prompt (evaluated) and completion (generated)",
@@ -214,6 +218,8 @@ class Metrics:
         self.duration.labels(ex.endpoint, label).observe(ex.duration)
         if ex.client:  # a name from the config: the label set is bounded by it
             self.key_requests.labels(ex.client, str(ex.status)).inc()
+        if ex.backend:  # a name from the config too
+            self.backend_requests.labels(ex.backend, str(ex.status)).inc()
         if ex.outcome is Outcome.REJECTED:
             self.rejected.labels(ex.rejection).inc()
         elif ex.outcome in DISCONNECTS:
@@ -255,6 +261,10 @@ class Metrics:
     def watch_upstream(self, up: Callable[[], bool | None]) -> None:
         """Publish whether upstream answers its probes, read at every scrape."""
         self.registry.register(_UpstreamCollector(up))
+
+    def watch_backends(self, backends: Callable[[], Iterable[BackendGauges]]) -> None:
+        """Publish each backend's health, slots held and limit, read at every scrape."""
+        self.registry.register(_BackendCollector(backends))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -330,6 +340,43 @@ class _UpstreamCollector:
             "1 while upstream answers its health probes (or has not been probed yet), 0 during an outage",
             value=0 if self._up() is False else 1,
         )
+
+
+class BackendGauges(NamedTuple):
+    """One backend at scrape time."""
+
+    name: str
+    up: bool
+    in_flight: int
+    max_concurrent: int
+
+
+class _BackendCollector:
+    def __init__(self, backends: Callable[[], Iterable[BackendGauges]]) -> None:
+        self._backends = backends
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "ollama_proxy_backend_up",
+            "1 while the backend is in rotation (not yet probed counts), 0 once health.unhealthy_after "
+            "failures in a row took it out",
+            labels=["backend"],
+        )
+        in_flight = GaugeMetricFamily(
+            "ollama_proxy_backend_in_flight", "Requests holding a slot on the backend", labels=["backend"]
+        )
+        most = GaugeMetricFamily(
+            "ollama_proxy_backend_max_concurrent", "The backend's own limit (backends.NAME.max_concurrent)",
+            labels=["backend"],
+        )  # fmt: skip
+        for backend in self._backends():
+            up.add_metric([backend.name], 1 if backend.up else 0)
+            in_flight.add_metric([backend.name], backend.in_flight)
+            most.add_metric([backend.name], backend.max_concurrent)
+        yield from (up, in_flight, most)
 
 
 class _ConnectionCollector:

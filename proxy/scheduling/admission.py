@@ -25,7 +25,11 @@ in its own cleanup; a task cancelled while waiting just leaves the queue.
 Either way nothing is leaked and `__aexit__` runs only for slots held.
 
 A little over 400 lines: the `Slot` (the handler's view) and the passes that grant
-slots share every invariant above, and read best side by side.
+slots share every invariant above, and read best side by side. With several
+Ollama hosts, a `Router` (the fleet) names where a slot may go, best first, and
+`_take` asks the ledger for each in turn: the granted claim names its backend,
+so the ledger counts the backend's own limits and the relay knows where to send
+the request; that "where" belongs with the grant it is part of.
 """
 
 from __future__ import annotations
@@ -35,15 +39,17 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 
-from proxy.config import PRIORITIES, LimitsConfig
+from proxy.config import PRIORITIES, BackendConfig, LimitsConfig
 from proxy.errors import ProxyError, QueueTimeout
 from proxy.ollama.names import canonical_model
 from proxy.scheduling.capacity import CapacityLedger, Claim, LocalLedger
 from proxy.scheduling.fair import FairShare
 from proxy.scheduling.policy import Fifo, SchedulingPolicy
 from proxy.scheduling.queue import WaitQueue
+from proxy.scheduling.routing import Router
 from proxy.scheduling.waiter import Waiter
 from proxy.units import counted, format_duration
 
@@ -122,6 +128,11 @@ class Slot:
         self._admission.policy.settle(self._waiter, total)
 
     @property
+    def backend(self) -> str:
+        """The backend the slot was granted on (empty while waiting, or without a router)."""
+        return self._waiter.claim.backend
+
+    @property
     def enqueued_at(self) -> float:
         """Loop time of arrival (kept when the request is sent back to the queue)."""
         return self._waiter.enqueued_at
@@ -153,11 +164,16 @@ class Admission:
         *,
         policy: SchedulingPolicy | None = None,
         ledger: CapacityLedger | None = None,
+        router: Router | None = None,
+        backends: Mapping[str, BackendConfig] | None = None,
     ) -> None:
         self._limits = limits
-        self._ledger = LocalLedger(limits) if ledger is None else ledger
+        self._ledger = LocalLedger(limits, backends) if ledger is None else ledger
         self._policy: SchedulingPolicy = Fifo() if policy is None else policy
         self._queue = WaitQueue(self._policy, limits, max_queued_per_client, self._expire)
+        #: Where a slot goes (the fleet); None: no backend named, only fleet-wide limits.
+        self._router = router
+        self._by_backend: Counter[str] = Counter()
         #: Per-client caps on requests running at once (`access.keys.NAME.max_running`).
         self._max_running: Mapping[str, int] = {}
         self._running_of: Counter[str] = Counter()
@@ -209,10 +225,15 @@ class Admission:
                 failed += 1
         return failed
 
+    def route(self, router: Router) -> None:
+        """Name the backends slots are taken on from now (the server wires the fleet here)."""
+        self._router = router
+
     def configure(
         self,
         limits: LimitsConfig,
         max_queued_per_client: int = 0,
+        backends: Mapping[str, BackendConfig] | None = None,
         *,
         max_queued: Mapping[str, int] | None = None,
         max_running: Mapping[str, int] | None = None,
@@ -226,7 +247,7 @@ class Admission:
         self._limits = limits
         self._max_running = max_running or {}
         self._queue.configure(limits, max_queued_per_client, max_queued or {})
-        self._ledger.configure(limits)  # reports room: a pass admits whoever now fits
+        self._ledger.configure(limits, backends)  # reports room: a pass admits whoever now fits
 
     # -- views, for metrics and the queue page ---------------------------------
 
@@ -268,6 +289,10 @@ class Admission:
         oldest = self._queue.oldest()
         return 0.0 if oldest is None else asyncio.get_running_loop().time() - oldest.enqueued_at
 
+    def running_by_backend(self) -> Counter[str]:
+        """Slots held per backend (by `backends` name)."""
+        return Counter(self._by_backend)
+
     def running_by_model(self) -> Counter[str]:
         return Counter(waiter.claim.model for waiter in self._holding)
 
@@ -306,8 +331,8 @@ class Admission:
         """Return holding a slot for `waiter`: at once if there is room, else after waiting."""
         reports = self._room_reports
         if not self._paused and self._may_run(waiter):
-            answer = self._ledger.take(waiter.claim)
-            if answer if isinstance(answer, bool) else await self._answer(waiter.claim, answer):
+            answer = self._take(waiter)
+            if answer if isinstance(answer, bool) else await self._answer(waiter, answer):
                 self._hold(waiter)
                 self._policy.admitted(waiter)  # never queued, but it runs: charged like any other
                 return
@@ -363,6 +388,7 @@ class Admission:
     def _hold(self, waiter: Waiter) -> None:
         self._holding[waiter] = None
         self._running_of[waiter.claim.client] += 1
+        self._by_backend[waiter.claim.backend] += 1
         waiter.admitted_at = asyncio.get_running_loop().time()
 
     def _unhold(self, waiter: Waiter) -> None:
@@ -371,6 +397,40 @@ class Admission:
         self._running_of[waiter.claim.client] -= 1
         if not self._running_of[waiter.claim.client]:
             del self._running_of[waiter.claim.client]
+        self._by_backend[waiter.claim.backend] -= 1
+        if not self._by_backend[waiter.claim.backend]:
+            del self._by_backend[waiter.claim.backend]
+
+    def _take(self, waiter: Waiter) -> bool | Awaitable[bool]:
+        """Ask the ledger for a slot for `waiter`: without a router for its claim as it is,
+        with one on each backend the router names, best first; the granted claim (naming
+        its backend) becomes the waiter's. Answers at once unless the ledger does not."""
+        if self._router is None:
+            return self._ledger.take(waiter.claim)
+        names = self._router.candidates(waiter.claim.model, self._by_backend)
+        for index, name in enumerate(names):
+            claim = replace(waiter.claim, backend=name)
+            answer = self._ledger.take(claim)
+            if not isinstance(answer, bool):
+                return self._take_later(waiter, claim, answer, names[index + 1 :])
+            if answer:
+                waiter.claim = claim
+                return True
+        return False
+
+    async def _take_later(
+        self, waiter: Waiter, claim: Claim, answer: Awaitable[bool], rest: Sequence[str]
+    ) -> bool:
+        """`_take` once the ledger answers later: the remaining backends one round trip each."""
+        while True:
+            if await answer:
+                waiter.claim = claim
+                return True
+            if not rest:
+                return False
+            claim, rest = replace(claim, backend=rest[0]), rest[1:]
+            taken = self._ledger.take(claim)
+            answer = _ready(taken) if isinstance(taken, bool) else taken
 
     def _grant(self, waiter: Waiter) -> None:
         """Admit a waiter the ledger has counted a slot for; its task resumes later."""
@@ -413,7 +473,7 @@ class Admission:
                 return
             if not (waiter.waiting and waiter in self._queue) or not self._may_run(waiter):
                 continue  # left since the pass began (or cleanup pending), or its client is at max_running
-            answer = self._ledger.take(waiter.claim)
+            answer = self._take(waiter)
             if not isinstance(answer, bool):
                 self._pass = asyncio.ensure_future(self._resume_walk(candidates, waiter, answer))
                 return
@@ -424,7 +484,7 @@ class Admission:
         self, candidates: Iterator[Waiter], waiter: Waiter, answer: Awaitable[bool]
     ) -> None:
         try:
-            if await self._answer(waiter.claim, answer):
+            if await self._answer(waiter, answer):
                 if waiter.waiting and waiter in self._queue and not self._paused:
                     self._grant(waiter)
                 else:
@@ -436,18 +496,21 @@ class Admission:
         else:
             self._walk(candidates)
 
-    async def _answer(self, claim: Claim, answer: Awaitable[bool]) -> bool:
-        """The ledger's later answer; a slot it grants after we were cancelled is given back."""
+    async def _answer(self, waiter: Waiter, answer: Awaitable[bool]) -> bool:
+        """The ledger's later answer; a slot it grants after we were cancelled is given back
+        (on the backend it was granted on: the waiter's claim by then)."""
         pending = asyncio.ensure_future(answer)
         try:
             return await asyncio.shield(pending)
         except asyncio.CancelledError:
             if pending.cancelled():  # the ledger gave up on its own: no slot was taken
                 return False
-            pending.add_done_callback(lambda done: self._give_late(claim, done))
+            pending.add_done_callback(lambda done: self._give_late(waiter.claim, done))
             raise
         except Exception:
-            log.exception("the capacity ledger failed to answer for model %s; taken as no room", claim.model)
+            log.exception(
+                "the capacity ledger failed to answer for model %s; taken as no room", waiter.claim.model
+            )
             return False
 
     def _give_late(self, claim: Claim, answer: asyncio.Future[bool]) -> None:
@@ -465,3 +528,7 @@ class Admission:
                 retry_after=self.retry_after(waiter.claim.model),
             )
         )
+
+
+async def _ready(answer: bool) -> bool:
+    return answer

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from proxy.config import LimitsConfig
+from proxy.config import BackendConfig, LimitsConfig
 from proxy.ollama.names import canonical_model
 
 
@@ -26,13 +26,16 @@ from proxy.ollama.names import canonical_model
 class Claim:
     """What a slot is taken for: every limit that applies is looked up from it.
 
-    Later claims will also name a backend; `client` is there for limits per client.
+    `backend` names the Ollama host the slot is on (empty: the scheduler routes
+    nowhere, only the fleet-wide limits apply); `client` is there for limits per client.
     """
 
     #: The model as Ollama compares names (`canonical_model`), so one cap covers every spelling.
     model: str
     #: Who asked (a client key's name; empty without keys).
     client: str = ""
+    #: The backend (`backends.NAME`) the slot is taken on; its own limits apply too.
+    backend: str = ""
 
 
 class CapacityLedger(Protocol):
@@ -62,8 +65,9 @@ class CapacityLedger(Protocol):
         """Call `callback` whenever room may have appeared (a slot given back, limits raised)."""
         ...
 
-    def configure(self, limits: LimitsConfig) -> None:
-        """Apply new limits (slots already taken stay taken), then report room: they may have risen."""
+    def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
+        """Apply new limits, and the backends' own when given (slots already taken stay taken),
+        then report room: they may have risen."""
         ...
 
 
@@ -72,14 +76,27 @@ def model_caps(limits: LimitsConfig) -> dict[str, int]:
     return {canonical_model(name): cap for name, cap in limits.models.items()}
 
 
-class LocalLedger:
-    """The global `max_concurrent` and the per-model caps, counted in this process."""
+def backend_limits(backends: Mapping[str, BackendConfig]) -> dict[str, tuple[int, dict[str, int]]]:
+    """Each backend's `max_concurrent` and its model caps by canonical name."""
+    return {
+        name: (backend.max_concurrent, {canonical_model(model): cap for model, cap in backend.models.items()})
+        for name, backend in backends.items()
+    }
 
-    def __init__(self, limits: LimitsConfig) -> None:
+
+class LocalLedger:
+    """The global `max_concurrent`, the per-model caps and each backend's own limits,
+    counted in this process. A claim that names a backend this ledger does not know
+    (removed by a reload) gets no slot; one naming none is held to the fleet-wide limits."""
+
+    def __init__(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
         self._max_concurrent = limits.max_concurrent
         self._caps = model_caps(limits)
+        self._backends = backend_limits(backends or {})
         self._taken = 0
         self._by_model: Counter[str] = Counter()
+        self._by_backend: Counter[str] = Counter()
+        self._by_backend_model: Counter[tuple[str, str]] = Counter()
         self._listeners: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
@@ -95,15 +112,31 @@ class LocalLedger:
         cap = self._caps.get(claim.model)
         if cap is not None and self._by_model[claim.model] >= cap:
             return False
+        if claim.backend and not self._backend_room(claim):
+            return False
         self._taken += 1
         self._by_model[claim.model] += 1
+        if claim.backend:
+            self._by_backend[claim.backend] += 1
+            self._by_backend_model[claim.backend, claim.model] += 1
         return True
+
+    def _backend_room(self, claim: Claim) -> bool:
+        limits = self._backends.get(claim.backend)
+        if limits is None:
+            return False
+        most, caps = limits
+        cap = caps.get(claim.model)
+        if self._by_backend[claim.backend] >= most:
+            return False
+        return cap is None or self._by_backend_model[claim.backend, claim.model] < cap
 
     def give(self, claim: Claim) -> None:
         self._taken -= 1
-        self._by_model[claim.model] -= 1
-        if not self._by_model[claim.model]:
-            del self._by_model[claim.model]
+        _decrement(self._by_model, claim.model)
+        if claim.backend:
+            _decrement(self._by_backend, claim.backend)
+            _decrement(self._by_backend_model, (claim.backend, claim.model))
         self._room()
 
     def full(self) -> bool:
@@ -112,11 +145,22 @@ class LocalLedger:
     def on_room(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
-    def configure(self, limits: LimitsConfig) -> None:
+    def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
         self._max_concurrent = limits.max_concurrent
         self._caps = model_caps(limits)
+        if backends is not None:
+            self._backends = backend_limits(backends)
         self._room()
 
     def _room(self) -> None:
         for listener in self._listeners:
             listener()
+
+
+_K = TypeVar("_K")
+
+
+def _decrement(counter: Counter[_K], key: _K) -> None:
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]

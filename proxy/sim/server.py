@@ -91,6 +91,14 @@ class Simulator:
         # entry), so a test can make that line larger than a proxy's line buffer.
         self.context_size = 0
 
+        #: Models held in memory at once (0: no limit); loading another evicts the least recently used.
+        self.max_loaded = 0
+        #: Seconds a generation waits while its model is loaded into memory (a "swap").
+        self.swap_delay = 0.0
+        #: Models loaded into memory since start: each time a generation found its model not loaded.
+        self.swaps = 0
+        self._loaded: dict[str, None] = {}  # canonical names, least recently used first
+
         self.active = 0
         self.peak = 0
         self.records: list[GenRecord] = []
@@ -167,6 +175,21 @@ class Simulator:
         await self._runner.cleanup()
         self._runner = None
 
+    async def refuse(self) -> None:
+        """Stop accepting connections while the generations in progress finish, as a host
+        taken out of service does (`close` is the crash: it cuts them off too)."""
+        if self._runner is not None:
+            for site in self._runner.sites:
+                await site.stop()
+            if self._runner.server is not None:
+                # Busy connections close after their answer, idle keep-alive ones now (as
+                # Go's http.Server.Shutdown does): a pooled one must not take a new request.
+                self._runner.server.pre_shutdown()
+                busy = {task.get_name() for task in self._handlers}
+                for conn in self._runner.server.connections:
+                    if conn.transport is not None and str(id(conn.transport)) not in busy:
+                        conn.transport.close()
+
     def reset_peak(self) -> None:
         """Restart peak tracking from the current number of active generations."""
         self.peak = self.active
@@ -221,6 +244,7 @@ class Simulator:
             path=request.path, model="", started_at=loop.time(), headers=request.headers, fault=knobs.fault
         )
         self.records.append(record)
+        task.set_name(str(id(request.transport)))  # so `refuse` knows the connection is busy
         self._handlers.add(task)
         self.active += 1
         self.peak = max(self.peak, self.active)
@@ -269,6 +293,7 @@ class Simulator:
             await reply.error(404, f"model '{model}' not found", openai, "not_found_error")
             return
 
+        await self._load(canonical_model(model))
         await asyncio.sleep(knobs.load_delay)
         if knobs.fault == "status":
             await reply.error(knobs.fault_status, "simulated failure", openai)
@@ -286,6 +311,25 @@ class Simulator:
             return
         await reply.play(plan, knobs)
 
+    async def _load(self, model: str) -> None:
+        """Have `model` in memory: a use of a loaded one only refreshes it; another is a swap,
+        evicting the least recently used past `max_loaded`, and costs `swap_delay`."""
+        if model in self._loaded:
+            self._loaded[model] = self._loaded.pop(model)
+            return
+        self.swaps += 1
+        self._loaded[model] = None
+        while self.max_loaded and len(self._loaded) > self.max_loaded:
+            del self._loaded[next(iter(self._loaded))]
+        self._changed()
+        if self.swap_delay:
+            await asyncio.sleep(self.swap_delay)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Canonical names of the models in memory, least recently used first (what /api/ps lists)."""
+        return list(self._loaded)
+
     # -- other endpoints ---------------------------------------------------------------
 
     async def _root(self, request: web.Request) -> web.Response:
@@ -298,11 +342,10 @@ class Simulator:
         return json_response({"models": [model_entry(name) for name in self.model_names()]})
 
     async def _ps(self, request: web.Request) -> web.Response:
-        """Models count as loaded once they have served a generation, as in Ollama."""
-        used = {canonical_model(r.model) for r in self.records if r.model}
+        """The models in memory: loaded by a generation, until evicted past `max_loaded`."""
         loaded = []
         for name in self.model_names():
-            if name in used:
+            if name in self._loaded:
                 entry = {key: value for key, value in model_entry(name).items() if key != "modified_at"}
                 loaded.append(
                     {

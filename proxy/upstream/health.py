@@ -16,6 +16,11 @@ the outage outlasts `health.outage_grace`, every waiting request gets a 503.
 "Reachable" means upstream answered `/api/version` with any status below 500
 within the timeout: something that speaks HTTP is there. (`/-/ready` is
 stricter and wants a 200.)
+
+With several hosts each has one of these (`upstream.fleet`): failures count up to
+`health.unhealthy_after`, and `/api/ps` says what is loaded. A little over 400
+lines because probing, the lists it reads and the outage it decides are one
+state machine, kept in one place.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ class Gate(Protocol):
 
     def pause(self) -> None: ...
     def resume(self) -> None: ...
-    def fail_waiting(self, error: Callable[[], ProxyError]) -> int: ...
+    def fail_waiting(self, error: Callable[[], ProxyError]) -> int:
+        """End every wait with `error()`; how many, or -1 if the gate judged it not yet time."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,12 @@ class UpstreamHealth:
         self._tags_sent = -math.inf
         self._probe: asyncio.Task[Probe] | None = None
         self._wake = asyncio.Event()
+        #: Failures in a row (probes, or connections of real requests) since the last good probe.
+        self._failures = 0
+        #: Canonical names of the models loaded (`/api/ps`); None while unknown.
+        self._loaded: frozenset[str] | None = None
+        #: Names this host in log lines ("upstream" for the one backend of `upstream.url`).
+        self.name = "upstream"
 
     def configure(self, config: HealthConfig, url: str) -> None:
         """Apply a reloaded config; a new upstream URL is unknown until probed."""
@@ -125,6 +138,30 @@ class UpstreamHealth:
     def lists(self, model: str) -> bool:
         """Upstream's last list has `model` (a canonical name)."""
         return self._models is not None and model in self._models
+
+    def may_run(self, model: str) -> bool:
+        """Healthy (or not probed yet) and listing `model`, or with a list not known yet.
+
+        A backend that failed since its last good probe (but not yet `unhealthy_after`
+        times) is passed over until the probe that failure woke has answered: a request
+        that could not connect then goes elsewhere, or waits that one probe, rather than
+        hitting the same refusal again.
+        """
+        if self._up is False or self._failures:
+            return False
+        return self._models is None or model in self._models
+
+    def loaded(self, model: str) -> bool:
+        """`/api/ps` last said `model` (canonical) is loaded."""
+        return self._loaded is not None and model in self._loaded
+
+    @property
+    def loaded_models(self) -> frozenset[str] | None:
+        return self._loaded
+
+    def note_loaded(self, model: str) -> None:
+        """A generation for `model` was sent here: it is loaded now, until `/api/ps` says otherwise."""
+        self._loaded = frozenset({model} | (self._loaded or frozenset()))
 
     # -- what a request asks -------------------------------------------------------
 
@@ -172,6 +209,7 @@ class UpstreamHealth:
                 await self.probe()
                 if self._up:
                     await self._refresh_tags(asyncio.get_running_loop().time())
+                    await self._read_ps()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._config.interval):
                         await self._wake.wait()
@@ -269,6 +307,23 @@ class UpstreamHealth:
             return
         self._set_models(_model_names(data), sent)
 
+    async def _read_ps(self) -> None:
+        """What `/api/ps` says is loaded (routing prefers a host that has the model in memory);
+        a failed read keeps the last answer, which only costs a less apt choice."""
+        assert self._session is not None, "run() has not started"
+        try:
+            async with asyncio.timeout(self._config.timeout):
+                async with self._session.get(self._url + "/api/ps", headers=_PROBE_HEADERS) as resp:
+                    data = await resp.json(content_type=None) if resp.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            log.debug("could not read %s/api/ps: %s", self._url, str(exc) or type(exc).__name__)
+            return
+        loaded = _model_names(data)
+        if loaded != self._loaded and loaded is not None:
+            names = ", ".join(clip(name) for name in sorted(loaded)[:20]) or "none"
+            log.info("%s loaded models: %s", self.name, clip(names, 1000))
+        self._loaded = loaded
+
     def _set_models(self, models: frozenset[str] | None, sent: float) -> None:
         if models != self._models:
             # Upstream's names are bounded in the log like a client's: each, and the line.
@@ -283,18 +338,29 @@ class UpstreamHealth:
     def _went_down(self, error: str) -> None:
         self.last_error = error
         self._wake.set()  # probe at once, then every interval
+        self._failures += 1
         if self._up is False:
+            return
+        if self._up is True and self._failures < self._config.unhealthy_after:
+            log.info(
+                "%s failed %d of health.unhealthy_after=%d times in a row: %s",
+                self.name, self._failures, self._config.unhealthy_after, error,
+            )  # fmt: skip
             return
         self._up, self._since, self._grace_over = False, asyncio.get_running_loop().time(), False
         self._gate.pause()
         log.warning(
-            "upstream down: %s; waiting requests keep their place for up to health.outage_grace=%s",
-            error, format_duration(self._config.outage_grace),
+            "%s down: %s; while nothing can serve them, waiting requests keep their place "
+            "for up to health.outage_grace=%s",
+            self.name, error, format_duration(self._config.outage_grace),
         )  # fmt: skip
         self._arm_grace()
 
     def _came_up(self) -> None:
+        suspected, self._failures = self._failures, 0
         if self._up is True:
+            if suspected:
+                self._gate.resume()  # back in rotation: a pass may send waiters here again
             return
         was_down = self._up is False
         outage = self.down_for()
@@ -302,10 +368,11 @@ class UpstreamHealth:
         self._cancel_grace()
         if was_down:
             log.info(
-                "upstream up again after %.1fs (version %s): admitting waiting requests", outage, self.version
-            )
+                "%s up again after %.1fs (version %s): admitting waiting requests",
+                self.name, outage, self.version,
+            )  # fmt: skip
         else:
-            log.info("upstream up (version %s)", self.version or "unknown")
+            log.info("%s up (version %s)", self.name, self.version or "unknown")
         self._gate.resume()
 
     def _arm_grace(self) -> None:
@@ -324,6 +391,8 @@ class UpstreamHealth:
         self._grace_timer = None
         self._grace_over = True
         failed = self._gate.fail_waiting(self._outage_error)
+        if failed < 0:
+            return  # another backend still serves: nothing waits for this one
         log.warning(
             "upstream outage outlasted health.outage_grace=%s: %d waiting requests answered 503; "
             "new requests get 503 until upstream answers",

@@ -189,11 +189,17 @@ async def relay(
         ) from None
     except aiohttp.ServerTimeoutError:
         raise _silent(timeout, base_url) from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamReset(
-            "upstream closed the connection before answering; retry later",
-            detail=f"upstream {base_url} closed the connection before answering: {_describe(exc)}",
+    except aiohttp.ClientOSError as exc:
+        if not str(exc.strerror or "").startswith(_UNWRITTEN):
+            raise _reset(base_url, exc) from None
+        # A pooled connection the host closed as it left (or died): the request was not
+        # written whole, so Ollama ran nothing, and it may go elsewhere like a refused connect.
+        raise UpstreamUnreachable(
+            "upstream is unreachable; retry later",
+            detail=f"upstream {base_url} closed the connection before the request was written: {_describe(exc)}",
         ) from None
+    except aiohttp.ClientError as exc:
+        raise _reset(base_url, exc) from None
 
     complete = False
     try:
@@ -281,6 +287,17 @@ async def _error_message(
         if isinstance(error, str):
             text = error
     return f"upstream answered {upstream.status}: {text or upstream.reason}"
+
+
+#: How aiohttp words a request it could not write (`ClientRequest.write_bytes`).
+_UNWRITTEN = "Can not write request body"
+
+
+def _reset(base_url: str, exc: Exception) -> UpstreamReset:
+    return UpstreamReset(
+        "upstream closed the connection before answering; retry later",
+        detail=f"upstream {base_url} closed the connection before answering: {_describe(exc)}",
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -75,3 +75,12 @@ async def test_fairness_bench_shows_tokens_share_and_a_cheap_release() -> None:
     assert shares["none"] < 0.6 < shares["cost: tokens"], shares
     costs = await fair.release_cost(waiters=2_000, clients=200, releases=20)
     assert set(costs) == {"first come, first served", "fair share"} and all(c > 0 for c in costs.values())
+
+
+def test_routing_bench_measures_each_fleet_size(capsys) -> None:
+    from bench import routing
+
+    assert routing.main(["400"]) == 0
+    out = capsys.readouterr().out
+    assert "no router (one upstream)" in out
+    assert "router over 2 backends" in out and "router over 20 backends" in out

@@ -130,7 +130,8 @@ async def proxy_process(sim, tmp_path):
         )
     )
     async with running_proxy(config) as started:
-        await started.log_line(r"upstream models: ")  # the first probe and model read are done
+        # The first probe and the reads of the model lists (/api/tags, then /api/ps) are done.
+        await started.log_line(r"upstream loaded models: ")
         yield started
 
 

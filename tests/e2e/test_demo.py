@@ -41,3 +41,21 @@ def test_progress_line_reports_the_proxy_and_the_clients_on_one_line():
         "done 1/3  failed 0  tokens 25/60  keep-alives received 5"
     )
     assert "\n" not in line and "\x1b" not in line
+
+
+def test_fleet_demo_fails_over_with_no_failed_request_and_exits_0():
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "demo", "--fleet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert re.search(r"requests completed\s+16/16", result.stdout), output
+    failed_over = re.search(r"failed over\s+(\d+)", result.stdout)
+    assert failed_over and int(failed_over.group(1)) > 0, output
+    assert re.search(r"#2\s+qwen3\s+gpu-b\s+done", result.stdout), output  # only gpu-b has qwen3
+    assert len(re.findall(r"backend gpu-a down", result.stderr)) == 1, output  # one line per change
+    assert "Traceback" not in output

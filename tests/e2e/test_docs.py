@@ -210,7 +210,7 @@ def test_alerts_tell_the_operator_what_to_do():
     rules = _alert_rules()
     assert {r["alert"] for r in rules} >= {
         "OllamaProxyDown", "OllamaProxyUpstreamDown", "OllamaProxyRejections",
-        "OllamaProxyQueueSaturated", "OllamaProxyLongWaits",
+        "OllamaProxyQueueSaturated", "OllamaProxyLongWaits", "OllamaProxyBackendDown",
     }  # fmt: skip
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
@@ -265,6 +265,9 @@ def test_each_alert_fires_on_its_trouble_and_only_there(tmp_path: Path):
         _series(good, "ollama_proxy_oldest_wait_seconds", "120x20"),
         _series(bad, "ollama_proxy_config_reloads_total", "0x9 1x11", result="failure"),
         _series(good, "ollama_proxy_config_reloads_total", "0x20", result="failure"),
+        _series(bad, "ollama_proxy_backend_up", "0x20", backend="gpu-a"),
+        _series(bad, "ollama_proxy_backend_up", "1x20", backend="gpu-b"),
+        _series(good, "ollama_proxy_backend_up", "1x3 0x1 1x16", backend="gpu-a"),  # a blip: no alert
     ]
 
     def fired(alert: str, severity: str, **extra: str) -> dict:
@@ -278,6 +281,7 @@ def test_each_alert_fires_on_its_trouble_and_only_there(tmp_path: Path):
         fired("OllamaProxyQueueSaturated", "warning"),
         fired("OllamaProxyLongWaits", "warning"),
         fired("OllamaProxyConfigReloadFailed", "warning"),
+        fired("OllamaProxyBackendDown", "warning", backend="gpu-a"),
         # `for:` holds an alert back: down since 0, but not yet for 2 minutes.
         {"eval_time": "1m", "alertname": "OllamaProxyDown", "exp_alerts": []},
     ]

@@ -186,7 +186,8 @@ async def test_no_grace_means_502_at_once_then_503_while_down(sim, make_proxy, h
     async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
         assert resp.status == 502
         assert (await resp.json())["error"] == "upstream is unreachable; retry later"
-    assert proxy.state.health.up is False
+    # The failed connection woke a probe; with it, health.unhealthy_after=2 failures in a row.
+    await eventually(lambda: proxy.state.health.up is False, timeout=10)
     async with http.post(proxy.listen_url + "/api/generate", json=body) as resp:
         assert resp.status == 503 and "Retry-After" in resp.headers
 

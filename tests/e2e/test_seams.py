@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
-from proxy.config import LimitsConfig, config_from_dict
+from proxy.config import BackendConfig, LimitsConfig, config_from_dict
 from proxy.scheduling.capacity import Claim, model_caps
 from proxy.scheduling.waiter import Waiter
 from proxy.server import Server
@@ -82,8 +82,8 @@ class SlowMemoryLedger:
     def on_room(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
-    def configure(self, limits: LimitsConfig) -> None:
-        self._limit = limits.max_concurrent
+    def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
+        self._limit = limits.max_concurrent  # one host: the backends' own limits are not counted
         self._caps = model_caps(limits)
 
 

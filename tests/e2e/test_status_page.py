@@ -153,6 +153,9 @@ async def test_page_draws_the_queue_it_fetches(sim, make_proxy, http, chromium, 
         for name, m in before["models"].items()
     }
     assert drawn["idle:latest"] == ("3", "0", "0") and drawn["big:latest"] == ("1", "1", "1")
+    [backend] = dom.having("data-backend")  # upstream.url alone: one backend named default
+    assert backend.attrs["data-backend"] == "default"
+    assert (backend.cell("health").text, backend.cell("running").text) == ("up", "2 / 2")
 
     rows = dom.having("data-position")
     assert [(r.attrs["data-position"], r.cell("model").text, r.cell("owner").text) for r in rows] == [

@@ -29,6 +29,8 @@ def proxy_config(upstream: str, **sections: dict) -> dict:
         "upstream": {"url": upstream},
         "shutdown_grace": "2s",
     }
+    if sections.get("backends"):
+        del data["upstream"]  # one or the other
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data

@@ -25,10 +25,10 @@ def access_record(ex: Exchange, caplog: pytest.LogCaptureFixture) -> logging.Log
 
 
 def test_text_line_has_every_field(caplog) -> None:
-    record = access_record(exchange(), caplog)
+    record = access_record(exchange(backend="gpu-a"), caplog)
     assert logs.TextFormatter().format(record) == (
         "2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path=/api/chat model=llama3:latest "
-        "key=alice status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301 "
+        "key=alice status=200 outcome=ok wait=12.345 duration=98.765 bytes=10342 tokens=26/301 backend=gpu-a "
         "fair_client=- priority=- cost=0.000"
     )
     assert (record.name, record.levelno, record.getMessage()) == (
@@ -51,7 +51,7 @@ def test_text_line_marks_unknowns_and_quotes_what_could_break_it(caplog) -> None
     line = logs.TextFormatter().format(access_record(ex, caplog))
     assert line == (
         '2026-11-24T09:01:02.123Z client=203.0.113.7 method=POST path="/a b/\\"q\\"\\n=x/\\u00e9" model=- '
-        "key=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=- "
+        "key=- status=499 outcome=client_gone wait=- duration=98.765 bytes=10342 tokens=- backend=- "
         "fair_client=- priority=- cost=0.000"
     )
     assert "\n" not in line
@@ -63,11 +63,11 @@ def test_text_line_appends_the_scheduling_fields_after_the_old_ones(caplog) -> N
     ex = exchange(party="10.0.0.9", priority="low", cost=327.0)
     line = logs.TextFormatter().format(access_record(ex, caplog))
     # The fields older consumers parse keep their bytes; the new ones come last.
-    assert line.endswith(" tokens=26/301 fair_client=10.0.0.9 priority=low cost=327.000")
+    assert line.endswith(" tokens=26/301 backend=- fair_client=10.0.0.9 priority=low cost=327.000")
 
 
 def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
-    record = access_record(exchange(), caplog)
+    record = access_record(exchange(backend="gpu-a"), caplog)
     assert json.loads(logs.JsonFormatter().format(record)) == {
         "time": "2026-11-24T09:01:02.123Z",
         "level": "INFO",
@@ -78,6 +78,7 @@ def test_json_line_has_the_same_fields_as_numbers_and_nulls(caplog) -> None:
         "path": "/api/chat",
         "model": "llama3:latest",
         "key": "alice",
+        "backend": "gpu-a",
         "status": 200,
         "outcome": "ok",
         "wait": 12.345,

@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 import pytest
 
-from proxy.config import LimitsConfig
+from proxy.config import BackendConfig, LimitsConfig
 from proxy.errors import QueueTimeout
 from proxy.scheduling.admission import Admission, Slot
 from proxy.scheduling.capacity import Claim
@@ -60,7 +60,7 @@ class ScriptedLedger:
     def on_room(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
-    def configure(self, limits: LimitsConfig) -> None:
+    def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
         for listener in self._listeners:
             listener()
 
@@ -185,3 +185,26 @@ async def test_a_newcomer_cancelled_while_its_take_is_pending_leaks_nothing():
     await ledger.answer(True)  # the ledger counted it after the request left
     assert ledger.taken == 0 and admission.running_total == 0
     assert "running=0/1 waiting=0/100" in repr(admission)
+
+
+class TwoBackends:
+    """A router that always names b1, then b2."""
+
+    def candidates(self, model: str, running: Mapping[str, int]) -> list[str]:
+        return ["b1", "b2"]
+
+
+async def test_a_later_answer_tries_the_next_backend_and_the_grant_names_its_backend():
+    ledger = ScriptedLedger()
+    admission = Admission(limits(2), ledger=ledger, router=TwoBackends())
+    task = asyncio.create_task(entered(admission.slot("m", "w")))
+    await until(lambda: bool(ledger.pending))
+    assert ledger.pending[0][0].backend == "b1"
+    await ledger.answer(False)  # no room on b1: b2 is asked next, in the same take
+    await until(lambda: bool(ledger.pending))
+    assert ledger.pending[0][0].backend == "b2"
+    await ledger.answer(True)
+    slot = await task
+    assert slot.backend == "b2" and admission.running_by_backend() == {"b2": 1}
+    await slot.__aexit__(None, None, None)
+    assert ledger.taken == 0 and not admission.running_by_backend()

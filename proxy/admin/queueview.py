@@ -71,6 +71,10 @@ async def queue(request: web.Request) -> web.Response:
     state = request.app[STATE]
     now = asyncio.get_running_loop().time()
     view = {**snapshot(state.admission, state.draining, now), "upstream": state.health.view()}
+    if state.cluster is not None:  # running counts across every proxy; "running" above is this one's
+        cluster = state.cluster
+        running = await cluster.refresh()
+        view["cluster"] = {"up": cluster.view.up, "peers": cluster.view.peers, "running": running}
     return web.json_response(view, headers=_NO_STORE)
 
 

@@ -11,6 +11,7 @@ maps every YAML key to its check (`_CONFIG`) reads best next to them.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -22,10 +23,12 @@ from urllib.parse import urlsplit
 
 from proxy.config.keys import merge_keys, resolve_key
 from proxy.config.schema import (
+    CLUSTER_DOWN_MODES,
     LOG_FORMATS,
     LOG_LEVELS,
     AccessConfig,
     AdminConfig,
+    ClusterConfig,
     Config,
     ConfigError,
     HealthConfig,
@@ -171,6 +174,31 @@ def _to_url(value: object) -> str:
     if "?" in value or "#" in value:
         raise _Invalid("must not have a query or fragment")
     return value.removesuffix("/")
+
+
+def _to_redis_url(value: object) -> str:
+    """ "" (no cluster), or a URL redis-py opens: redis://, rediss:// (TLS) or unix://."""
+    requirement = 'must be "" or a URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)'
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise _Invalid(requirement)
+    if value and urlsplit(value).scheme.lower() not in ("redis", "rediss", "unix"):
+        raise _Invalid(requirement)
+    return value
+
+
+def _to_prefix(value: object) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() or c == "*" for c in value):
+        raise _Invalid("must be a non-empty name without spaces or *, such as oqp")
+    return value
+
+
+def _needs_redis_package(cluster: ClusterConfig, problems: list[str]) -> None:
+    """`cluster.redis` set without redis-py: said here, so `check-config` and the start say it alike."""
+    if cluster.redis and importlib.util.find_spec("redis") is None:
+        problems.append(
+            "cluster.redis: needs the redis package, which is not installed: "
+            "pip install 'ollama-queue-proxy[redis]'"
+        )
 
 
 def _to_metrics_path(value: object) -> str:
@@ -397,6 +425,15 @@ _CONFIG = _section(
                 "outage_grace": _duration(allow_zero=True),
             },
         ),
+        "cluster": _section(
+            ClusterConfig,
+            {
+                "redis": _scalar(_to_redis_url),
+                "prefix": _scalar(_to_prefix),
+                "lease": _duration(allow_zero=False),
+                "on_redis_down": _choice(*CLUSTER_DOWN_MODES),
+            },
+        ),
     },
 )
 
@@ -429,6 +466,8 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
         config = replace(config, access=merge_keys(config.access, base, problems))
     if config.request is not None and config.request.spool_dir:
         config = replace(config, request=_spool_dir(config.request, base, problems))
+    if config.cluster is not None:
+        _needs_redis_package(config.cluster, problems)
     if _same_socket(config):
         problems.append(
             f"admin.port: must differ from listen.port on the same host (got {config.admin.port})"

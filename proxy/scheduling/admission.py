@@ -357,7 +357,7 @@ class Admission:
     async def _resume_walk(self, candidates: list[Waiter], index: int, answer: Awaitable[bool]) -> None:
         waiter = candidates[index]
         try:
-            if await self._answer(waiter.claim, answer):
+            if await self._answer(waiter.claim, answer, refuse=waiter):
                 if waiter.waiting and waiter in self._queue and not self._paused:
                     self._grant(waiter)
                 else:
@@ -369,11 +369,23 @@ class Admission:
         else:
             self._walk(candidates, index + 1)
 
-    async def _answer(self, claim: Claim, answer: Awaitable[bool]) -> bool:
-        """The ledger's later answer; a slot it grants after we were cancelled is given back."""
+    async def _answer(self, claim: Claim, answer: Awaitable[bool], refuse: Waiter | None = None) -> bool:
+        """The ledger's later answer; a slot it grants after we were cancelled is given back.
+
+        A `ProxyError` is the ledger refusing outright (a shared ledger that cannot be
+        reached, say): it reaches the caller, or ends `refuse`'s wait, as that error.
+        """
         pending = asyncio.ensure_future(answer)
         try:
             return await asyncio.shield(pending)
+        except ProxyError as refusal:
+            if refuse is None:
+                raise
+            self._queue.remove(refuse)
+            if refuse.waiting:
+                assert refuse.future is not None
+                refuse.future.set_exception(refusal)
+            return False
         except asyncio.CancelledError:
             if pending.cancelled():  # the ledger gave up on its own: no slot was taken
                 return False

@@ -59,7 +59,7 @@ log = logging.getLogger("proxy.cluster")
 #: How often a proxy looks for room even without a message (the safety net under pub/sub).
 POLL_INTERVAL = 1.0
 #: One Redis command's bound: past it, Redis counts as down.
-COMMAND_TIMEOUT = 1.0
+COMMAND_TIMEOUT = 2.0
 #: How often a proxy that lost Redis tries it again.
 RETRY_INTERVAL = 0.5
 #: How often a proxy says it is alive and counts the others (at most lease/3): the peer count
@@ -94,6 +94,8 @@ class _Lease:
     keys: list[str]
     #: Found gone on renewal once already (logged and counted once, however often it recurs).
     lost: bool = False
+    #: Known to be in Redis; False once Redis went away (it may come back empty), or taken locally.
+    written: bool = False
 
 
 @dataclass
@@ -221,12 +223,14 @@ class RedisLedger:
     async def _take(self, claim: Claim) -> bool:
         pairs = self.limits_of(claim)
         lease = _Lease(f"{self.id}:{next(self._seq)}", [key for key, _ in pairs])
+        written: _Lease | None = None
         if self.view.up and self._client is not None:
             try:
                 refused = await self._call(
                     "take", lease.keys, [self._lease_ms, lease.member, *(c for _, c in pairs)]
                 )
             except (RedisError, OSError, TimeoutError) as err:
+                written = lease  # Redis may have run the script before the reply was lost
                 self._went_down(err)
             else:
                 if refused:
@@ -235,8 +239,12 @@ class RedisLedger:
                 if self._rejoining() and not self._within_share(claim):
                     await self._give(lease)
                     return False
+                lease.written = True
                 self._keep(claim, lease)
                 return True
+        if self._cluster.on_redis_down == "refuse" or not self._within_share(claim):
+            if written is not None:
+                self._orphans.append(written)  # removed when Redis answers again, else it expires
         if self._cluster.on_redis_down == "refuse":
             raise ClusterDown(
                 "the proxies' shared slot ledger (Redis) is unreachable; retry shortly",
@@ -300,6 +308,9 @@ class RedisLedger:
             return
         self.view.up = False
         self.view.fallbacks += 1
+        for leases in self._held.values():
+            for lease in leases:
+                lease.written = False
         mode = self._cluster.on_redis_down
         what = (
             f"serving on with this proxy's share of each limit (max_concurrent {self._global_budget()} "
@@ -317,13 +328,16 @@ class RedisLedger:
         """Redis answers again: re-register, write every running request's lease, forget the orphans."""
         self._rejoin_until = asyncio.get_running_loop().time() + REJOIN_WINDOW
         await self._heartbeat()
-        for lease in [lease for leases in self._held.values() for lease in leases]:
-            await self._call("renew", lease.keys, [self._lease_ms, lease.member])
+        # Until nothing is left to write: requests admitted locally meanwhile must be counted too.
+        while unwritten := [lease for leases in self._held.values() for lease in leases if not lease.written]:
+            for lease in unwritten:
+                await self._call("renew", lease.keys, [self._lease_ms, lease.member])
+                lease.written = True
         while self._orphans:
             lease = self._orphans[-1]
             await self._call("give", lease.keys, [lease.member, self._channel, self.id])
             self._orphans.pop()
-        self.view.up = True
+        self.view.up = True  # no await since the last check: nothing admitted locally is left out
         self._global_full = False
         log.info(
             "cluster: redis %s answers again: registered as %s with %d running requests, %d proxies alive",

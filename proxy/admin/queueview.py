@@ -74,7 +74,10 @@ async def queue(request: web.Request) -> web.Response:
     if state.cluster is not None:  # running counts across every proxy; "running" above is this one's
         cluster = state.cluster
         running = await cluster.refresh()
-        view["cluster"] = {"up": cluster.view.up, "peers": cluster.view.peers, "running": running}
+        view["cluster"] = {
+            "up": cluster.view.up, "peers": cluster.view.peers, "running": running,
+            "leases_lost": cluster.view.leases_lost,
+        }  # fmt: skip
     return web.json_response(view, headers=_NO_STORE)
 
 

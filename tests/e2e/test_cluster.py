@@ -105,10 +105,23 @@ async def slow_sim() -> AsyncIterator[Simulator]:
         await simulator.close()
 
 
-def write(path: Path, sim: Simulator, redis_url: str, *, max_concurrent: int, **cluster: object) -> Path:
+def write(
+    path: Path,
+    sim: Simulator,
+    redis_url: str,
+    *,
+    max_concurrent: int,
+    models: dict | None = None,
+    **cluster: object,
+) -> Path:
     data = proxy_config(
         sim.url,
-        limits={"max_concurrent": max_concurrent, "max_queue": 200, "queue_timeout": "60s"},
+        limits={
+            "max_concurrent": max_concurrent,
+            "max_queue": 200,
+            "queue_timeout": "60s",
+            "models": models or {},
+        },
         cluster={"redis": redis_url, "lease": "3s", **cluster},
         heartbeat={"interval": "1s"},
     )
@@ -174,7 +187,18 @@ async def test_a_burst_split_across_proxies_reaches_the_limit_and_never_exceeds_
         await eventually(lambda: no_leases(redis_server), timeout=5)  # every lease given back
         async with http.get(fleet[0].admin + "/-/queue") as resp:
             view = await resp.json()
-        assert view["cluster"] == {"up": True, "peers": n, "running": {"global": 0}}
+        assert view["cluster"] == {"up": True, "peers": n, "running": {"global": 0}, "leases_lost": 0}
+
+
+async def test_a_model_cap_holds_across_proxies(
+    tmp_path: Path, slow_sim: Simulator, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    async with proxies(
+        tmp_path, slow_sim, redis_server.url, 2, max_concurrent=4, models={"llama3.2": 2}
+    ) as fleet:
+        assert await burst(http, fleet, 12) == [200] * 12
+        assert slow_sim.peak == 2  # the model's cap, shared, not the global limit
+        await eventually(lambda: no_leases(redis_server), timeout=5)
 
 
 async def test_a_slot_given_back_on_one_proxy_wakes_a_waiter_on_another_within_100ms(
@@ -221,6 +245,27 @@ async def test_a_killed_proxys_slots_come_back_within_the_lease(
         assert slow_sim.peak == 2
         print(f"slots of a SIGKILLed proxy reclaimed after {reclaimed:.2f}s (lease 3s)")
         await asyncio.gather(*held, return_exceptions=True)
+
+
+async def test_a_lease_found_gone_on_renewal_is_written_again_and_logged_once(
+    tmp_path: Path, slow_sim: Simulator, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    async with proxies(tmp_path, slow_sim, redis_server.url, 1, max_concurrent=2) as (a,):
+        slow_sim.token_delay = 0.5  # about 4 s: longer than a renewal (lease 3s: every 1 s)
+        running = asyncio.create_task(generate(http, a, "long"))
+        await slow_sim.wait_until(lambda: slow_sim.active == 1)
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            await client.delete("oqp:lease:global")  # as if reaped while the proxy stalled
+        finally:
+            await client.aclose()
+        await a.log_line(r"cluster: lease \S+ was gone on renewal", timeout=10)
+        assert await redis_server.leases() == {"oqp:lease:global": 1}  # counted again: it still runs
+        assert (await running)[0] == 200
+        await eventually(lambda: no_leases(redis_server), timeout=5)
+        assert sum("was gone on renewal" in line for line in a.log) == 1
+        async with http.get(a.admin + "/-/queue") as resp:
+            assert (await resp.json())["cluster"]["leases_lost"] == 1
 
 
 async def test_redis_restart_under_load_with_local_fallback(

@@ -70,6 +70,10 @@ HEARTBEAT_INTERVAL = 1.0
 REJOIN_WINDOW = 2 * RETRY_INTERVAL + COMMAND_TIMEOUT
 
 
+class Forgotten(RedisError):
+    """Redis answers but has lost this proxy's registration (and so its leases)."""
+
+
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value or ""
 
@@ -132,6 +136,8 @@ class RedisLedger:
         #: The last take refused for the global limit: a pass may stop early until room is reported.
         self._global_full = False
         self._limits_seen: set[str] = set()
+        #: Registered once: a later heartbeat that finds this proxy new means Redis forgot it.
+        self._registered = False
         #: Slots the other proxies held at their last heartbeat (for the budget while Redis is down).
         self._others_running = 0
         #: Loop time until which admissions through Redis also keep to this proxy's share.
@@ -227,21 +233,26 @@ class RedisLedger:
         if self.view.up and self._client is not None:
             try:
                 refused = await self._call(
-                    "take", lease.keys, [self._lease_ms, lease.member, *(c for _, c in pairs)]
+                    "take",
+                    [self._peers_keys[0], *lease.keys],
+                    [self._lease_ms, lease.member, self.id, *(c for _, c in pairs)],
                 )
             except (RedisError, OSError, TimeoutError) as err:
                 written = lease  # Redis may have run the script before the reply was lost
                 self._went_down(err)
             else:
-                if refused:
+                if refused == -1:  # as if it had been down: write everything back first
+                    self._went_down(Forgotten("it no longer knows this proxy: restarted, flushed or stalled"))
+                elif refused:
                     self._global_full = self._global_full or refused == 1
                     return False
-                if self._rejoining() and not self._within_share(claim):
+                elif self._rejoining() and not self._within_share(claim):
                     await self._give(lease)
                     return False
-                lease.written = True
-                self._keep(claim, lease)
-                return True
+                else:
+                    lease.written = True
+                    self._keep(claim, lease)
+                    return True
         if self._cluster.on_redis_down == "refuse" or not self._within_share(claim):
             if written is not None:
                 self._orphans.append(written)  # removed when Redis answers again, else it expires
@@ -352,9 +363,13 @@ class RedisLedger:
         reply = await self._call(
             "heartbeat", self._peers_keys, [self.id, self._lease_ms, "" if leaving else mine]
         )
+        if reply[0] and self.view.up and self._registered and not leaving:
+            raise Forgotten("it no longer knew this proxy: restarted, flushed or stalled")
+        self._registered = True
+        pairs = reply[1:]
         peers = {
             _text(peer): json.loads(_text(value) or "{}")
-            for peer, value in zip(reply[::2], reply[1::2], strict=True)
+            for peer, value in zip(pairs[::2], pairs[1::2], strict=True)
         }
         alive = max(1, len(peers))
         if self._rejoining():  # the others may not have re-registered yet: keep the share small

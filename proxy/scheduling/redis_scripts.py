@@ -6,17 +6,20 @@ any number of limit keys (with one cap each for `TAKE`): a new kind of limit is 
 more key, not a new script.
 """
 
-# KEYS: the limits' sorted sets; ARGV: lease ms, member, then one cap per key.
-# Returns 0 when taken, else the 1-based index of the first limit that is full.
+# KEYS: the peers' sorted set, then the limits' sorted sets; ARGV: lease ms, member, this
+# proxy's id, then one cap per limit. Returns 0 when taken, the 1-based index of the first
+# limit that is full, or -1 when this proxy is not registered: Redis restarted (or was
+# flushed) since, so the counts miss this proxy's running requests until it writes them back.
 TAKE = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then return -1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if redis.call('ZCARD', key) >= tonumber(ARGV[i + 2]) then return i end
+for i = 2, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i + 2]) then return i - 1 end
 end
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[2])
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], now + tonumber(ARGV[1]), ARGV[2])
 end
 return 0
 """
@@ -44,22 +47,24 @@ end
 return gone
 """
 # KEYS: peers' sorted set, peers' limits hash; ARGV: id, lease ms, limits JSON ("" to leave).
-# Returns the limits of every proxy alive, as id, JSON, id, JSON...
+# Returns 1 if this proxy was not registered (new, or Redis forgot it), else 0; then the
+# limits of every proxy alive, as id, JSON, id, JSON...
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = 0
 if ARGV[3] == '' then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
 else
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  added = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 end
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   redis.call('HDEL', KEYS[2], gone)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local out = {}
+local out = {added}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   table.insert(out, id)
   table.insert(out, redis.call('HGET', KEYS[2], id) or '')

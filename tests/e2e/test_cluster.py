@@ -345,3 +345,71 @@ def test_check_config_names_the_extra_when_redis_is_missing(tmp_path: Path) -> N
         lines = (done.stdout + done.stderr).strip().splitlines()
         assert len(lines) == 1, lines
         assert "pip install 'ollama-queue-proxy[redis]'" in lines[0]
+
+
+async def test_chaos_proxy_kill_and_redis_restart_keep_the_limit_and_leak_no_lease(
+    tmp_path: Path, slow_sim: Simulator, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """Three proxies (`refuse`, so the limit is strict even while Redis is down) under steady
+    load: one is SIGKILLed, then Redis is killed and started again. Upstream never runs more
+    than the limit, the survivors keep serving, and no lease is left once it is over."""
+    async with proxies(
+        tmp_path, slow_sim, redis_server.url, 3, max_concurrent=3, on_redis_down="refuse"
+    ) as fleet:
+        statuses: list[int | str] = []
+        stop = asyncio.Event()
+
+        async def client(n: int) -> None:
+            for turn in range(3000):  # bounded in count, and by `stop`
+                if stop.is_set():
+                    return
+                proxy = fleet[(n + turn) % len(fleet)]
+                if proxy.proc.returncode is not None:
+                    continue
+                try:
+                    status = (await generate(http, proxy, f"c{n}t{turn}"))[0]
+                except aiohttp.ClientError as err:
+                    status = type(err).__name__  # the killed proxy's connections
+                statuses.append(status)
+                if status != 200:
+                    await asyncio.sleep(0.05)  # a client backing off, not synchronisation
+
+        clients = [asyncio.create_task(client(n)) for n in range(9)]
+        phase = ["start"]
+        seen: dict[str, int] = {}
+
+        async def watch() -> None:
+            while not stop.is_set():
+                seen[phase[0]] = max(seen.get(phase[0], 0), slow_sim.active)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await eventually(lambda: statuses.count(200) >= 20, timeout=30)
+            fleet[0].proc.send_signal(signal.SIGKILL)
+            phase[0] = "killed"
+            await fleet[0].proc.wait()
+            await eventually(lambda: statuses.count(200) >= 40, timeout=30)
+            await redis_server.kill()
+            phase[0] = "redis down"
+            await fleet[1].log_line(r"cluster: redis \S+ unreachable .*refusing", timeout=10)
+            await redis_server.start()
+            phase[0] = "redis started"
+            for proxy in fleet[1:]:
+                await proxy.log_line(r"cluster: redis \S+ answers again", timeout=15)
+            phase[0] = "all back"
+            settled = statuses.count(200)
+            await eventually(lambda: statuses.count(200) >= settled + 20, timeout=30)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients, watcher)
+        assert slow_sim.peak <= 3, (seen, [line for p in fleet for line in p.log if "cluster:" in line])
+        assert set(statuses) <= {
+            200,
+            503,
+            "ServerDisconnectedError",
+            "ClientOSError",
+            "ClientConnectorError",
+            "ClientPayloadError",
+        }
+        await eventually(lambda: no_leases(redis_server), timeout=3.0 + 2)  # the dead proxy's expire too

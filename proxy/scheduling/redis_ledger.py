@@ -25,6 +25,11 @@ re-registers and writes a lease for every request it runs (forced: they are
 running upstream, and the ledger must say so; new admissions wait until the
 counts are back under the limits).
 
+It is longer than the house's ~400 lines because the ledger, its failure modes
+(down, back, forgotten) and its background work share one state (the leases held,
+written or not) that no other class may read; the Lua scripts live apart in
+`redis_scripts`.
+
 Only this module imports redis-py, and only `Server` imports this module, when
 `cluster.redis` is set: without it the optional dependency is never needed.
 """

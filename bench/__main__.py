@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import profile, report, routing, soak
+from . import cluster, profile, report, routing, soak
 from .run import FULL, QUICK, run
 
 
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         return soak.main(argv[1:])
     if argv[:1] == ["routing"]:
         return routing.main(argv[1:])
+    if argv[:1] == ["cluster"]:
+        return cluster.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
     parser.add_argument("--uvloop", action="store_true", help="also measure the proxy on uvloop")

@@ -131,6 +131,7 @@ async def proxy(
     request: dict[str, object] | None = None,
     env: Mapping[str, str] | None = None,
     module: str | None = None,
+    cluster: dict[str, object] | None = None,
     **limits: object,
 ) -> AsyncIterator[Server]:
     """`python -m proxy` (or under uvloop) with a generated config; logs go to a file.
@@ -146,6 +147,8 @@ async def proxy(
         config["heartbeat"] = {"interval": heartbeat}
     if request is not None:
         config["request"] = request
+    if cluster is not None:
+        config["cluster"] = cluster
     path = workdir / f"{name}-{server.port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = path.with_suffix(".log")

@@ -130,6 +130,14 @@ class SpoolFailed(ProxyError):
     reason = "spool_failed"
 
 
+class ClusterDown(ProxyError):
+    """Redis, which holds the slots shared by several proxies, is unreachable and
+    `cluster.on_redis_down` is `refuse`: a request that needs a new slot is refused."""
+
+    status = 503
+    reason = "cluster_down"
+
+
 class UpstreamDown(ProxyError):
     """Upstream has been unreachable longer than `health.outage_grace` (or the grace is 0)."""
 

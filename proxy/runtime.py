@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -13,6 +14,9 @@ from proxy.config import Config
 from proxy.observe.metrics import Metrics
 from proxy.scheduling.admission import Admission
 from proxy.upstream.fleet import Fleet
+
+if TYPE_CHECKING:  # imported only with cluster.redis set: it needs the optional redis package
+    from proxy.scheduling.redis_ledger import RedisLedger
 
 
 @dataclass(eq=False)
@@ -26,6 +30,8 @@ class ProxyState:
     #: The backends: each up or down, the models it lists and has loaded; where requests go.
     health: Fleet
     session: aiohttp.ClientSession | None = None
+    #: The ledger shared through Redis (`cluster.redis`); None when every limit is counted here.
+    cluster: RedisLedger | None = None
     #: New requests are refused (503) while admitted and queued ones finish.
     draining: bool = False
     #: The grace ran out: requests still running are being cut, with an error where possible.

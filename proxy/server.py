@@ -75,6 +75,27 @@ async def _health_probes(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def _cluster_ledger(app: web.Application) -> AsyncIterator[None]:
+    """With `cluster.redis`: the Redis client, registered before the port opens; closed after the drain."""
+    state = app[STATE]
+    if state.cluster is None:
+        yield
+        return
+    from proxy.scheduling.redis_ledger import connect  # only here: redis is an optional dependency
+
+    client = connect(state.config.cluster.redis)
+    state.cluster.attach(client)
+    await state.cluster.start()
+    task = asyncio.create_task(state.cluster.run(), name="cluster ledger")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await state.cluster.leave()
+        await client.aclose()
+
+
 def build_proxy_app(state: ProxyState) -> web.Application:
     app = web.Application()
     app[STATE] = state
@@ -82,6 +103,7 @@ def build_proxy_app(state: ProxyState) -> web.Application:
     app.router.add_route("*", "/{path:.*}", handle, expect_handler=defer_expect)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_health_probes)
+    app.cleanup_ctx.append(_cluster_ledger)
     return app
 
 
@@ -111,6 +133,11 @@ class Server:
     ) -> None:
         """`config_path` is the file a reload re-reads, and `read_at` its stamp when
         `config` was read from it (`read_config`), the baseline of `watch`."""
+        cluster = None
+        if ledger is None and config.cluster.redis:
+            from proxy.scheduling.redis_ledger import RedisLedger  # redis is an optional dependency
+
+            ledger = cluster = RedisLedger(config.cluster, config.limits)
         policy = fair_share(config) if policy is None else policy
         admission = Admission(
             config.limits,
@@ -126,9 +153,12 @@ class Server:
         metrics.watch(admission)
         metrics.watch_upstream(lambda: health.up)
         metrics.watch_backends(lambda: health.gauges(admission.running_by_backend()))
+        if cluster is not None:
+            metrics.watch_cluster(cluster.view)
         self.state = ProxyState(
-            config=config, admission=admission, metrics=metrics, health=health, reload=self.reload
-        )
+            config=config, admission=admission, metrics=metrics, health=health, reload=self.reload,
+            cluster=cluster,
+        )  # fmt: skip
         self._reloader = Reloader(self, config_path, read_at)
         self._proxy = web.AppRunner(
             build_proxy_app(self.state),

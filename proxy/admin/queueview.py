@@ -86,6 +86,13 @@ async def queue(request: web.Request) -> web.Response:
     now = asyncio.get_running_loop().time()
     upstream = state.health.view(state.admission.running_by_backend())
     view = {**snapshot(state.admission, state.draining, now), "upstream": upstream}
+    if state.cluster is not None:  # running counts across every proxy; "running" above is this one's
+        cluster = state.cluster
+        running = await cluster.refresh()
+        view["cluster"] = {
+            "up": cluster.view.up, "peers": cluster.view.peers, "running": running,
+            "leases_lost": cluster.view.leases_lost,
+        }  # fmt: skip
     return web.json_response(view, headers=_NO_STORE)
 
 

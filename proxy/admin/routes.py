@@ -29,6 +29,9 @@ async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
         return _not_ready("draining: the proxy is shutting down")
+    cluster = state.cluster
+    if cluster is not None and not cluster.view.up and state.config.cluster.on_redis_down == "refuse":
+        return _not_ready("cluster: redis is unreachable and cluster.on_redis_down is refuse")
     # A probe of its own (shared with one under way), which the health component also learns from.
     probe = await state.health.probe()
     if not probe.ok:

@@ -210,6 +210,22 @@ class MetricsConfig:
     path: str = "/metrics"
 
 
+CLUSTER_DOWN_MODES = ("local", "refuse")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Several proxies sharing one set of limits through Redis (docs/cluster.md); "" keeps them here."""
+
+    redis: str = ""
+    #: Key prefix, so several fleets can share one Redis.
+    prefix: str = "oqp"
+    #: A running request's hold on a shared slot, renewed every lease/3: a dead proxy's slots return after it.
+    lease: float = 15.0
+    #: Redis unreachable: "local" serves on with this proxy's share of each limit; "refuse" answers 503.
+    on_redis_down: str = "local"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole effective configuration; `Config()` is the documented default."""
@@ -229,6 +245,7 @@ class Config:
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     #: Several Ollama hosts by name; empty means the one host of `upstream.url` (see `fleet`).
     backends: Mapping[str, BackendConfig] = field(default_factory=empty_mapping)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def fleet(self) -> Mapping[str, BackendConfig]:
@@ -272,4 +289,5 @@ RESTART_ONLY_KEYS: tuple[str, ...] = (
     "metrics",
     "request.max_header_size",
     "request.header_timeout",
+    "cluster",
 )

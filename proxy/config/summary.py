@@ -6,7 +6,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-from proxy.config.schema import CLOUDFLARE_IDLE_TIMEOUT, CONNECTION_HEADROOM, AccessConfig, Config
+from proxy.config.schema import (
+    CLOUDFLARE_IDLE_TIMEOUT,
+    CONNECTION_HEADROOM,
+    AccessConfig,
+    ClusterConfig,
+    Config,
+)
 from proxy.units import format_duration, format_size
 
 
@@ -89,6 +95,16 @@ def _describe_fleet(config: Config) -> tuple[str, str]:
     return ("backends", f"{len(hosts)}: {'; '.join(hosts)}; out after {after} failures in a row")
 
 
+def _describe_cluster(cluster: ClusterConfig) -> str:
+    """The `cluster` keys, on the limits' row they change: no row of their own, to keep one screen."""
+    if not cluster.redis:
+        return ""
+    return (
+        f", shared by every proxy on cluster.redis {cluster.redis} (prefix {cluster.prefix}, lease "
+        f"{format_duration(cluster.lease)}, on_redis_down {cluster.on_redis_down})"
+    )
+
+
 def summary(config: Config) -> str:
     """The effective limits, one per line and labelled by YAML path, so what
     `check-config` prints can be matched against the file at a glance."""
@@ -101,7 +117,10 @@ def summary(config: Config) -> str:
         ("listen.max_connections", _describe_max_connections(config)),
         ("admin", f"{admin}  ({config.metrics.path} and /-/*)"),
         _describe_fleet(config),
-        ("limits.max_concurrent", f"{limits.max_concurrent} generation requests at once"),
+        (
+            "limits.max_concurrent",
+            f"{limits.max_concurrent} generation requests at once{_describe_cluster(config.cluster)}",
+        ),
         ("limits.max_queue", queue),
         ("limits.queue_timeout", format_duration(limits.queue_timeout)),
     ]

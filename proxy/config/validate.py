@@ -12,6 +12,7 @@ fleet's checks need the same section helpers, so they live here too).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -24,11 +25,13 @@ from urllib.parse import urlsplit
 from proxy.config.keys import merge_keys, resolve_key
 from proxy.config.profiles import check_profiles, check_scheduling, key_of
 from proxy.config.schema import (
+    CLUSTER_DOWN_MODES,
     LOG_FORMATS,
     LOG_LEVELS,
     AccessConfig,
     AdminConfig,
     BackendConfig,
+    ClusterConfig,
     Config,
     ConfigError,
     HealthConfig,
@@ -174,6 +177,31 @@ def _to_url(value: object) -> str:
     if "?" in value or "#" in value:
         raise _Invalid("must not have a query or fragment")
     return value.removesuffix("/")
+
+
+def _to_redis_url(value: object) -> str:
+    """ "" (no cluster), or a URL redis-py opens: redis://, rediss:// (TLS) or unix://."""
+    requirement = 'must be "" or a URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)'
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise _Invalid(requirement)
+    if value and urlsplit(value).scheme.lower() not in ("redis", "rediss", "unix"):
+        raise _Invalid(requirement)
+    return value
+
+
+def _to_prefix(value: object) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() or c == "*" for c in value):
+        raise _Invalid("must be a non-empty name without spaces or *, such as oqp")
+    return value
+
+
+def _needs_redis_package(cluster: ClusterConfig, problems: list[str]) -> None:
+    """`cluster.redis` set without redis-py: said here, so `check-config` and the start say it alike."""
+    if cluster.redis and importlib.util.find_spec("redis") is None:
+        problems.append(
+            "cluster.redis: needs the redis package, which is not installed: "
+            "pip install 'ollama-queue-proxy[redis]'"
+        )
 
 
 def _to_metrics_path(value: object) -> str:
@@ -443,6 +471,15 @@ _CONFIG = _section(
         ),
         "scheduling": check_scheduling,
         "backends": _check_backends,
+        "cluster": _section(
+            ClusterConfig,
+            {
+                "redis": _scalar(_to_redis_url),
+                "prefix": _scalar(_to_prefix),
+                "lease": _duration(allow_zero=False),
+                "on_redis_down": _choice(*CLUSTER_DOWN_MODES),
+            },
+        ),
     },
 )
 
@@ -497,6 +534,8 @@ def config_from_dict(data: object, source: str = "config", base: str = ".") -> C
         config = replace(config, request=_spool_dir(config.request, base, problems))
     if isinstance(data, dict):
         config = _fleet_limits(config, data, problems)
+    if config.cluster is not None:
+        _needs_redis_package(config.cluster, problems)
     if _same_socket(config):
         problems.append(
             f"admin.port: must differ from listen.port on the same host (got {config.admin.port})"

@@ -266,6 +266,10 @@ class Metrics:
         """Publish each backend's health, slots held and limit, read at every scrape."""
         self.registry.register(_BackendCollector(backends))
 
+    def watch_cluster(self, cluster: ClusterCounts) -> None:
+        """Publish the shared ledger's state (`cluster.redis`), read at every scrape."""
+        self.registry.register(_ClusterCollector(cluster))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -325,6 +329,38 @@ class _QueueCollector:
             "ollama_proxy_oldest_wait_seconds", "How long the request at the head of the queue has waited",
             value=self._queue.oldest_wait(),
         )  # fmt: skip
+
+
+class ClusterCounts(Protocol):
+    """What the metrics read of the ledger shared through Redis."""
+
+    up: bool
+    peers: int
+    fallbacks: int
+
+
+class _ClusterCollector:
+    def __init__(self, cluster: ClusterCounts) -> None:
+        self._cluster = cluster
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._cluster
+        yield GaugeMetricFamily(
+            "ollama_proxy_cluster_up", "1 while Redis, which holds the shared slots, answers", value=int(c.up)
+        )
+        yield GaugeMetricFamily(
+            "ollama_proxy_cluster_peers",
+            "Proxies alive sharing the limits (this one included)",
+            value=c.peers,
+        )
+        yield CounterMetricFamily(
+            "ollama_proxy_cluster_fallbacks",
+            "Times Redis became unreachable and this proxy fell back to cluster.on_redis_down",
+            value=c.fallbacks,
+        )
 
 
 class _UpstreamCollector:

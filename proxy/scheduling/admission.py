@@ -484,7 +484,7 @@ class Admission:
         self, candidates: Iterator[Waiter], waiter: Waiter, answer: Awaitable[bool]
     ) -> None:
         try:
-            if await self._answer(waiter, answer):
+            if await self._answer(waiter, answer, queued=True):
                 if waiter.waiting and waiter in self._queue and not self._paused:
                     self._grant(waiter)
                 else:
@@ -496,12 +496,24 @@ class Admission:
         else:
             self._walk(candidates)
 
-    async def _answer(self, waiter: Waiter, answer: Awaitable[bool]) -> bool:
+    async def _answer(self, waiter: Waiter, answer: Awaitable[bool], *, queued: bool = False) -> bool:
         """The ledger's later answer; a slot it grants after we were cancelled is given back
-        (on the backend it was granted on: the waiter's claim by then)."""
+        (on the backend it was granted on: the waiter's claim by then).
+
+        A `ProxyError` is the ledger refusing outright (a shared ledger that cannot be
+        reached, say): it reaches a newcomer as that error, or ends a `queued` waiter's wait.
+        """
         pending = asyncio.ensure_future(answer)
         try:
             return await asyncio.shield(pending)
+        except ProxyError as refusal:
+            if not queued:
+                raise
+            self._queue.remove(waiter)
+            if waiter.waiting:
+                assert waiter.future is not None
+                waiter.future.set_exception(refusal)
+            return False
         except asyncio.CancelledError:
             if pending.cancelled():  # the ledger gave up on its own: no slot was taken
                 return False

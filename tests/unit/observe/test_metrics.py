@@ -91,6 +91,7 @@ def test_reasons_and_kinds_are_the_error_classes_own() -> None:
     assert set(REJECT_REASONS) == {
         "queue_full", "queue_timeout", "bad_request", "too_large", "body_timeout", "unauthorized",
         "forbidden", "key_queue_full", "draining", "spool_failed", "upstream_down", "model_not_found",
+        "cluster_down",
     }  # fmt: skip
     assert UPSTREAM_ERROR_KINDS == ("connect", "timeout", "reset", "status")
 

@@ -10,7 +10,7 @@ from types import MappingProxyType
 import pytest
 
 from proxy.config import BackendConfig, LimitsConfig
-from proxy.errors import QueueTimeout
+from proxy.errors import ClusterDown, QueueTimeout
 from proxy.scheduling.admission import Admission, Slot
 from proxy.scheduling.capacity import Claim
 
@@ -38,6 +38,12 @@ class ScriptedLedger:
         answer = asyncio.get_running_loop().create_future()
         self.pending.append((claim, answer))
         return answer
+
+    async def refuse(self) -> None:
+        """Answer the oldest take with a refusal (a shared ledger that cannot be reached)."""
+        await until(lambda: bool(self.pending))
+        self.pending.pop(0)[1].set_exception(ClusterDown("the shared ledger is unreachable"))
+        await settle()
 
     async def answer(self, room: bool) -> None:
         """Answer the oldest take once it has been asked."""
@@ -208,3 +214,19 @@ async def test_a_later_answer_tries_the_next_backend_and_the_grant_names_its_bac
     assert slot.backend == "b2" and admission.running_by_backend() == {"b2": 1}
     await slot.__aexit__(None, None, None)
     assert ledger.taken == 0 and not admission.running_by_backend()
+
+
+async def test_a_ledger_refusal_reaches_the_newcomer_and_the_waiter_as_that_error():
+    ledger = ScriptedLedger()
+    admission = Admission(limits(), ledger=ledger)
+    holder = await holding_one(ledger, admission)
+    waiter = await queued(ledger, admission, "w")
+    newcomer = asyncio.create_task(entered(admission.slot("m", "new")))
+    await ledger.refuse()  # the newcomer's own take
+    with pytest.raises(ClusterDown):
+        await newcomer
+    await holder.__aexit__(None, None, None)  # room: the pass asks for w, and is refused
+    await ledger.refuse()
+    with pytest.raises(ClusterDown):
+        await asyncio.wait_for(waiter, timeout=10)
+    assert ledger.taken == 0 and admission.running_total == 0 and admission.waiting_total == 0

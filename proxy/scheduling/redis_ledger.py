@@ -1,0 +1,508 @@
+"""The capacity ledger shared by several proxies: slots are leases in Redis.
+
+Several proxies in front of one Ollama must enforce one `max_concurrent` between
+them, or together they let N times the load onto the GPU. Counters that only go
+up and down leak when a proxy dies between the two; so a slot here is a *lease*:
+a member of a sorted set per limit (`<prefix>:lease:global`, `…:model:<name>`)
+whose score is its expiry, read from the Redis server's clock (`TIME`), never a
+proxy's. Taking a slot is one Lua script over every limit that applies to the
+claim (reap the expired, check every count, add to all or to none); giving it
+back is another (remove, then publish on `<prefix>:room`, which wakes the
+waiters of every proxy). A running request's leases are renewed every lease/3;
+a proxy killed with SIGKILL stops renewing, and its slots come back within one
+`lease`. The scripts take a list of (limit key, cap) pairs, so a new kind of
+limit (per backend, per client key) is one more pair, not a new script.
+
+Each proxy also keeps a heartbeat (`<prefix>:peers`, scored by expiry) with its
+limits, so every proxy knows how many are alive (its share of each limit when
+Redis is down) and warns when their limits differ.
+
+Redis down: `local` serves on, this proxy admitting up to its share of each limit
+(limit ÷ proxies last seen alive, at least 1), counted from the slots it holds;
+`refuse` raises `ClusterDown` (503) for every request that needs a new slot.
+Running requests finish either way. When Redis answers again the proxy
+re-registers and writes a lease for every request it runs (forced: they are
+running upstream, and the ledger must say so; new admissions wait until the
+counts are back under the limits).
+
+It is longer than the house's ~400 lines because the ledger, its failure modes
+(down, back, forgotten) and its background work share one state (the leases held,
+written or not) that no other class may read; the Lua scripts live apart in
+`redis_scripts`.
+
+Only this module imports redis-py, and only `Server` imports this module, when
+`cluster.redis` is set: without it the optional dependency is never needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.config import BackendConfig, ClusterConfig, LimitsConfig
+from proxy.errors import ClusterDown
+from proxy.scheduling import redis_scripts as scripts
+from proxy.scheduling.capacity import Claim, backend_limits, model_caps
+from proxy.units import format_duration
+
+log = logging.getLogger("proxy.cluster")
+
+#: How often a proxy looks for room even without a message (the safety net under pub/sub).
+POLL_INTERVAL = 1.0
+#: One Redis command's bound: past it, Redis counts as down.
+COMMAND_TIMEOUT = 2.0
+#: How often a proxy that lost Redis tries it again.
+RETRY_INTERVAL = 0.5
+#: How often a proxy says it is alive and counts the others (at most lease/3): the peer count
+#: is each proxy's share of the limits should Redis go down, so it must not lag by long.
+HEARTBEAT_INTERVAL = 1.0
+#: After Redis returns, how long a proxy still keeps to its share: the others that lost Redis
+#: too need up to one retry (and a timed-out command) to write their running requests back.
+REJOIN_WINDOW = 2 * RETRY_INTERVAL + COMMAND_TIMEOUT
+
+
+class Forgotten(RedisError):
+    """Redis answers but has lost this proxy's registration (and so its leases)."""
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else value or ""
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client that fails fast (no retries, short timeouts): a Redis that does not
+    answer must turn into the `on_redis_down` mode within a second, not stall admissions."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=COMMAND_TIMEOUT,
+        socket_timeout=COMMAND_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+@dataclass(eq=False, slots=True)
+class _Lease:
+    """One held slot: its member name and the sets (one per limit) it is counted in."""
+
+    member: str
+    keys: list[str]
+    #: Found gone on renewal once already (logged and counted once, however often it recurs).
+    lost: bool = False
+    #: Known to be in Redis; False once Redis went away (it may come back empty), or taken locally.
+    written: bool = False
+
+
+@dataclass
+class ClusterView:
+    """What the metrics and the queue page show of the cluster."""
+
+    up: bool = False
+    peers: int = 1
+    fallbacks: int = 0
+    leases_lost: int = 0
+    #: Slots taken across every proxy, by limit key, as last counted.
+    running: dict[str, int] = field(default_factory=dict)
+
+
+class RedisLedger:
+    """The `CapacityLedger` whose counts live in Redis, shared by every proxy with the same prefix.
+
+    `attach` gives it the client the server owns; `run` is its background work
+    (heartbeat, renewals, pub/sub, reconnecting), which the server starts and cancels.
+    """
+
+    def __init__(self, cluster: ClusterConfig, limits: LimitsConfig) -> None:
+        self._cluster = cluster
+        self._max_concurrent = limits.max_concurrent
+        self._caps = model_caps(limits)
+        #: Each backend's `max_concurrent` and model caps (`configure` gives them).
+        self._backends: dict[str, tuple[int, dict[str, int]]] = {}
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._seq = itertools.count(1)
+        self._held: dict[Claim, list[_Lease]] = {}
+        self._held_by_model: Counter[str] = Counter()
+        self._held_total = 0
+        #: Leases given back while Redis was down: removed when it answers again.
+        self._orphans: list[_Lease] = []
+        self._listeners: list[Callable[[], None]] = []
+        #: The last take refused for the global limit: a pass may stop early until room is reported.
+        self._global_full = False
+        self._limits_seen: set[str] = set()
+        #: Registered once: a later heartbeat that finds this proxy new means Redis forgot it.
+        self._registered = False
+        #: Slots the other proxies held at their last heartbeat (for the budget while Redis is down).
+        self._others_running = 0
+        #: Loop time until which admissions through Redis also keep to this proxy's share.
+        self._rejoin_until = 0.0
+        self._client: aioredis.Redis | None = None
+        self.view = ClusterView()
+        p = cluster.prefix
+        self._channel = f"{p}:room"
+        self._peers_keys = [f"{p}:peers", f"{p}:peer-limits"]
+        self._scripts: dict[str, Any] = {}
+        #: Gives under way, so a clean stop waits for them before the client closes.
+        self._giving: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        state = "up" if self.view.up else f"down ({self._cluster.on_redis_down})"
+        return f"<RedisLedger {self.id} redis {state} held={self._held_total} peers={self.view.peers}>"
+
+    # -- the CapacityLedger protocol ---------------------------------------------
+
+    @property
+    def caps(self) -> Mapping[str, int]:
+        return self._caps
+
+    def take(self, claim: Claim) -> Awaitable[bool]:
+        return self._take(claim)
+
+    def give(self, claim: Claim) -> Awaitable[None] | None:
+        leases = self._held[claim]
+        lease = leases.pop()
+        if not leases:
+            del self._held[claim]
+        self._held_total -= 1
+        self._held_by_model[claim.model] -= 1
+        if not self._held_by_model[claim.model]:
+            del self._held_by_model[claim.model]
+        if not self.view.up:
+            self._orphans.append(lease)
+            self._room()
+            return None
+        return self._give(lease)
+
+    def full(self) -> bool:
+        if self.view.up:
+            return self._global_full
+        if self._cluster.on_redis_down == "refuse":
+            return False  # let a pass reach the waiters, to refuse them
+        return self._held_total >= self._global_budget()
+
+    def on_room(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
+        self._max_concurrent = limits.max_concurrent
+        self._caps = model_caps(limits)
+        if backends is not None:
+            self._backends = backend_limits(backends)
+        self._global_full = False
+        self._room()
+
+    # -- the limits a claim is counted against -----------------------------------
+
+    def limits_of(self, claim: Claim) -> list[tuple[str, int]] | None:
+        """(limit key, cap) for every limit that applies to `claim`: global, per model, then
+        the claim's backend and its cap for the model; None for a backend this ledger does
+        not know (removed by a reload): no slot there.
+
+        The one place to add a kind of limit: the scripts take however many pairs there
+        are, all or nothing.
+        """
+        p = self._cluster.prefix
+        pairs = [(f"{p}:lease:global", self._max_concurrent)]
+        cap = self._caps.get(claim.model)
+        if cap is not None:
+            pairs.append((f"{p}:lease:model:{claim.model}", cap))
+        if claim.backend:
+            backend = self._backends.get(claim.backend)
+            if backend is None:
+                return None
+            running, caps = backend
+            pairs.append((f"{p}:lease:backend:{claim.backend}", running))
+            if (model_cap := caps.get(claim.model)) is not None:
+                pairs.append((f"{p}:lease:backend:{claim.backend}:model:{claim.model}", model_cap))
+        return pairs
+
+    # -- talking to Redis ---------------------------------------------------------
+
+    def attach(self, client: aioredis.Redis) -> None:
+        """Use `client` (owned and closed by the server) from now on."""
+        self._client = client
+        self._scripts = {
+            name: client.register_script(source)
+            for name, source in (
+                ("take", scripts.TAKE), ("give", scripts.GIVE), ("renew", scripts.RENEW),
+                ("heartbeat", scripts.HEARTBEAT), ("count", scripts.COUNT),
+            )
+        }  # fmt: skip
+
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return await asyncio.wait_for(self._scripts[script](keys=keys, args=args), COMMAND_TIMEOUT)
+
+    async def _take(self, claim: Claim) -> bool:
+        pairs = self.limits_of(claim)
+        if pairs is None:
+            return False
+        lease = _Lease(f"{self.id}:{next(self._seq)}", [key for key, _ in pairs])
+        written: _Lease | None = None
+        if self.view.up and self._client is not None:
+            try:
+                refused = await self._call(
+                    "take",
+                    [self._peers_keys[0], *lease.keys],
+                    [self._lease_ms, lease.member, self.id, *(c for _, c in pairs)],
+                )
+            except (RedisError, OSError, TimeoutError) as err:
+                written = lease  # Redis may have run the script before the reply was lost
+                self._went_down(err)
+            else:
+                if refused == -1:  # as if it had been down: write everything back first
+                    self._went_down(Forgotten("it no longer knows this proxy: restarted, flushed or stalled"))
+                elif refused:
+                    self._global_full = self._global_full or refused == 1
+                    return False
+                elif self._rejoining() and not self._within_share(claim):
+                    await self._give(lease)
+                    return False
+                else:
+                    lease.written = True
+                    self._keep(claim, lease)
+                    return True
+        if self._cluster.on_redis_down == "refuse" or not self._within_share(claim):
+            if written is not None:
+                self._orphans.append(written)  # removed when Redis answers again, else it expires
+        if self._cluster.on_redis_down == "refuse":
+            raise ClusterDown(
+                "the proxies' shared slot ledger (Redis) is unreachable; retry shortly",
+                retry_after=max(1, round(self._cluster.lease / 3)),
+                detail=f"cluster.redis {self._cluster.redis} is unreachable and cluster.on_redis_down is refuse",
+            )
+        if not self._within_share(claim):
+            return False
+        self._keep(claim, lease)
+        return True
+
+    def _within_share(self, claim: Claim) -> bool:
+        """This proxy's share of every limit has room for `claim` (Redis down, or just back)."""
+        if self._held_total >= self._global_budget():
+            return False
+        cap = self._caps.get(claim.model)
+        return cap is None or self._held_by_model[claim.model] < self._share(cap)
+
+    def _rejoining(self) -> bool:
+        return asyncio.get_running_loop().time() < self._rejoin_until
+
+    async def _give(self, lease: _Lease) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._giving.add(task)
+        try:
+            await self._call("give", lease.keys, [lease.member, self._channel, self.id])
+        except (RedisError, OSError, TimeoutError) as err:
+            self._orphans.append(lease)
+            self._went_down(err)
+        finally:
+            self._giving.discard(task)
+        self._room()  # our own waiters need no round trip through pub/sub
+
+    def _keep(self, claim: Claim, lease: _Lease) -> None:
+        self._held.setdefault(claim, []).append(lease)
+        self._held_total += 1
+        self._held_by_model[claim.model] += 1
+
+    def _share(self, limit: int) -> int:
+        return max(1, limit // max(1, self.view.peers))
+
+    def _global_budget(self) -> int:
+        """Slots this proxy may hold while Redis is down: its share of `max_concurrent`, and no
+        more than the others left free when last seen (a proxy caught holding more than its
+        share keeps it until its requests end, so the others must not count on theirs)."""
+        return max(1, min(self._share(self._max_concurrent), self._max_concurrent - self._others_running))
+
+    @property
+    def _lease_ms(self) -> int:
+        return round(self._cluster.lease * 1000)
+
+    def _room(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    # -- state changes, logged once each -------------------------------------------
+
+    def _went_down(self, err: BaseException) -> None:
+        if not self.view.up:
+            return
+        self.view.up = False
+        self.view.fallbacks += 1
+        for leases in self._held.values():
+            for lease in leases:
+                lease.written = False
+        mode = self._cluster.on_redis_down
+        what = (
+            f"serving on with this proxy's share of each limit (max_concurrent {self._global_budget()} "
+            f"of {self._max_concurrent}, {self.view.peers} proxies last seen)"
+            if mode == "local"
+            else "refusing requests that need a new slot with 503"
+        )
+        log.warning(
+            "cluster: redis %s unreachable (%s): %s; %d running requests finish",
+            self._cluster.redis, type(err).__name__ if not str(err) else err, what, self._held_total,
+        )  # fmt: skip
+        self._room()  # refuse: end the waits now; local: admit up to the share
+
+    async def _came_back(self) -> None:
+        """Redis answers again: re-register, write every running request's lease, forget the orphans."""
+        self._rejoin_until = asyncio.get_running_loop().time() + REJOIN_WINDOW
+        await self._heartbeat()
+        # Until nothing is left to write: requests admitted locally meanwhile must be counted too.
+        while unwritten := [lease for leases in self._held.values() for lease in leases if not lease.written]:
+            for lease in unwritten:
+                await self._call("renew", lease.keys, [self._lease_ms, lease.member])
+                lease.written = True
+        while self._orphans:
+            lease = self._orphans[-1]
+            await self._call("give", lease.keys, [lease.member, self._channel, self.id])
+            self._orphans.pop()
+        self.view.up = True  # no await since the last check: nothing admitted locally is left out
+        self._global_full = False
+        log.info(
+            "cluster: redis %s answers again: registered as %s with %d running requests, %d proxies alive",
+            self._cluster.redis, self.id, self._held_total, self.view.peers,
+        )  # fmt: skip
+        self._room()
+
+    async def _heartbeat(self, leaving: bool = False) -> None:
+        """Say this proxy is alive, with its limits and running count; learn the others'."""
+        limits = {"max_concurrent": self._max_concurrent, "models": dict(self._caps)}
+        mine = json.dumps({"limits": limits, "running": self._held_total}, sort_keys=True)
+        reply = await self._call(
+            "heartbeat", self._peers_keys, [self.id, self._lease_ms, "" if leaving else mine]
+        )
+        if reply[0] and self.view.up and self._registered and not leaving:
+            raise Forgotten("it no longer knew this proxy: restarted, flushed or stalled")
+        self._registered = True
+        pairs = reply[1:]
+        peers = {
+            _text(peer): json.loads(_text(value) or "{}")
+            for peer, value in zip(pairs[::2], pairs[1::2], strict=True)
+        }
+        alive = max(1, len(peers))
+        if self._rejoining():  # the others may not have re-registered yet: keep the share small
+            alive = max(alive, self.view.peers)
+        if alive != self.view.peers:
+            log.info("cluster: %d proxies alive (was %d)", alive, self.view.peers)
+            self.view.peers = alive
+        self._others_running = sum(
+            int(peer.get("running", 0)) for name, peer in peers.items() if name != self.id
+        )
+        seen = {json.dumps(peer["limits"], sort_keys=True) for peer in peers.values() if "limits" in peer}
+        if len(seen) > 1 and seen != self._limits_seen:
+            log.warning(
+                "cluster: the proxies sharing prefix %s have different limits (%s): each admits by its own, "
+                "so the lowest holds only for its own requests; give every proxy the same limits",
+                self._cluster.prefix, "; ".join(sorted(seen)),
+            )  # fmt: skip
+        self._limits_seen = seen
+
+    async def _renew(self) -> None:
+        for lease in [lease for leases in self._held.values() for lease in leases]:
+            gone = await self._call("renew", lease.keys, [self._lease_ms, lease.member])
+            if gone and not lease.lost:
+                lease.lost = True
+                self.view.leases_lost += 1
+                log.warning(
+                    "cluster: lease %s was gone on renewal (reaped after a stall longer than lease %s, or "
+                    "Redis lost it): written again, the request keeps running",
+                    lease.member,
+                    format_duration(self._cluster.lease),
+                )
+
+    async def refresh(self) -> dict[str, int]:
+        """Count the slots taken across the cluster, by limit key (for the queue page)."""
+        p = self._cluster.prefix
+        keys = [f"{p}:lease:global", *(f"{p}:lease:model:{model}" for model in self._caps)]
+        if self.view.up:
+            try:
+                counts = await self._call("count", keys, [])
+            except (RedisError, OSError, TimeoutError) as err:
+                self._went_down(err)
+            else:
+                self.view.running = {
+                    key.removeprefix(f"{p}:lease:"): int(n) for key, n in zip(keys, counts, strict=True)
+                }
+        return self.view.running
+
+    # -- the background work --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Heartbeat and renew every lease/3, reconnect when Redis returns; listen for room."""
+        listener = asyncio.create_task(self._listen(), name="cluster room listener")
+        loop = asyncio.get_running_loop()
+        try:
+            renew_every = self._cluster.lease / 3
+            tick = min(HEARTBEAT_INTERVAL, renew_every)
+            renewed = loop.time()
+            while True:
+                await asyncio.sleep(tick if self.view.up else RETRY_INTERVAL)
+                try:
+                    if not self.view.up:
+                        await self._came_back()
+                        renewed = loop.time()
+                        continue
+                    await self._heartbeat()
+                    if loop.time() - renewed >= renew_every - tick / 2:
+                        await self._renew()
+                        renewed = loop.time()
+                except (RedisError, OSError, TimeoutError) as err:
+                    self._went_down(err)
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    async def start(self) -> None:
+        """Register before the listeners open, so the first admissions already count across the cluster."""
+        try:
+            await self._heartbeat()
+        except (RedisError, OSError, TimeoutError) as err:
+            self.view.up = True  # so that the change is logged and counted once
+            self._went_down(err)
+            return
+        self.view.up = True
+        log.info(
+            "cluster: registered as %s on redis %s (prefix %s, lease %s, on_redis_down %s), %d proxies alive",
+            self.id, self._cluster.redis, self._cluster.prefix, format_duration(self._cluster.lease),
+            self._cluster.on_redis_down, self.view.peers,
+        )  # fmt: skip
+
+    async def _listen(self) -> None:
+        """Room reported by any proxy (pub/sub), and a slow poll in case a message was missed."""
+        assert self._client is not None
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                while True:
+                    message = await pubsub.get_message(timeout=POLL_INTERVAL)
+                    if message is None or message.get("data") != self.id.encode():
+                        self._global_full = False
+                        self._room()
+            except (RedisError, OSError, TimeoutError):
+                await asyncio.sleep(RETRY_INTERVAL)
+            finally:
+                await pubsub.aclose()
+
+    async def leave(self) -> None:
+        """Deregister (at a clean stop, after the drain): the others' shares grow at once."""
+        if self._giving:
+            await asyncio.wait(self._giving, timeout=COMMAND_TIMEOUT)
+        if self.view.up and self._client is not None:
+            try:
+                await self._heartbeat(leaving=True)
+            except (RedisError, OSError, TimeoutError):
+                pass  # the heartbeat expires on its own

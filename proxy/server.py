@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Coroutine
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +33,9 @@ from proxy.scheduling.fair import FairShare, fair_share, per_key_bounds, weights
 from proxy.scheduling.policy import SchedulingPolicy
 from proxy.units import counted, format_duration
 from proxy.upstream.fleet import Fleet
+
+if TYPE_CHECKING:  # imported only with cluster.redis set: it needs the optional redis package
+    from proxy.scheduling.redis_ledger import RedisLedger
 
 log = logging.getLogger("proxy")
 
@@ -146,7 +150,7 @@ class Server:
             ledger=ledger,
             backends=config.fleet,
         )
-        self._configure_scheduling(admission, config)
+        self._configure_scheduling(admission, cluster, config)
         health = Fleet(config, admission)
         admission.route(health)
         metrics = Metrics((canonical_model(name) for name in config.limits.models), health.lists)
@@ -254,14 +258,17 @@ class Server:
         self.state.config = config
         logs.reapply(config.log)
         self.state.health.configure(config)  # before admission's pass: new backends take waiters
-        self._configure_scheduling(self.state.admission, config)
+        self._configure_scheduling(self.state.admission, self.state.cluster, config)
         self.state.metrics.configure(config.limits.models)
         self.connections.resize(config.max_connections)  # follows limits.max_queue unless set
 
     @staticmethod
-    def _configure_scheduling(admission: Admission, config: Config) -> None:
-        """Limits, per-key bounds and the fair share's cost and weights; waiters keep their places."""
+    def _configure_scheduling(admission: Admission, cluster: RedisLedger | None, config: Config) -> None:
+        """Limits, per-key bounds and the fair share's cost and weights; waiters keep their places.
+        With a shared ledger the keys' `max_running` are leased across the proxies as well."""
         queued, running = per_key_bounds(config)
+        if cluster is not None:
+            cluster.limit_clients(running)
         admission.configure(
             config.limits,
             config.access.max_queued_per_key,

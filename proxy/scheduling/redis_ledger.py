@@ -132,6 +132,8 @@ class RedisLedger:
         self._caps = model_caps(limits)
         #: Each backend's `max_concurrent` and model caps (`configure` gives them).
         self._backends: dict[str, tuple[int, dict[str, int]]] = {}
+        #: Each access key's own `max_running`, by key name (`limit_clients` gives them).
+        self._client_caps: Mapping[str, int] = {}
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._seq = itertools.count(1)
         self._held: dict[Claim, list[_Lease]] = {}
@@ -204,11 +206,20 @@ class RedisLedger:
         self._global_full = False
         self._room()
 
+    def limit_clients(self, caps: Mapping[str, int]) -> None:
+        """Lease each access key's `max_running` across every proxy too (key name -> cap).
+
+        The dispatcher of each proxy holds a key to its cap in that process; this makes
+        the cap the cluster's, so a key with `max_running: 2` runs 2 in all, not 2 per proxy.
+        """
+        self._client_caps = dict(caps)
+        self._room()
+
     # -- the limits a claim is counted against -----------------------------------
 
     def limits_of(self, claim: Claim) -> list[tuple[str, int]] | None:
-        """(limit key, cap) for every limit that applies to `claim`: global, per model, then
-        the claim's backend and its cap for the model; None for a backend this ledger does
+        """(limit key, cap) for every limit that applies to `claim`: global, per model, the
+        client's `max_running`, then the claim's backend and its cap for the model; None for a backend this ledger does
         not know (removed by a reload): no slot there.
 
         The one place to add a kind of limit: the scripts take however many pairs there
@@ -219,6 +230,8 @@ class RedisLedger:
         cap = self._caps.get(claim.model)
         if cap is not None:
             pairs.append((f"{p}:lease:model:{claim.model}", cap))
+        if (client_cap := self._client_caps.get(claim.client)) is not None:
+            pairs.append((f"{p}:lease:client:{claim.client}", client_cap))
         if claim.backend:
             backend = self._backends.get(claim.backend)
             if backend is None:

@@ -448,3 +448,37 @@ async def test_each_backends_cap_holds_across_proxies(
         assert await burst(http, fleet, 12) == [200] * 12
         assert [host.peak for host in hosts] == [1, 1]  # each host's own cap, shared
         await eventually(lambda: no_leases(redis_server), timeout=5)
+
+
+async def test_a_keys_max_running_holds_across_proxies(
+    tmp_path: Path, slow_sim: Simulator, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """`max_running: 1` for a key is one in the whole cluster, not one per proxy."""
+    key = "sk-batch-0123456789"
+    paths = []
+    for i in range(2):
+        data = proxy_config(
+            slow_sim.url,
+            limits={"max_concurrent": 4, "max_queue": 200, "queue_timeout": "60s"},
+            access={"keys": {"batch": {"key": key, "max_running": 1}}},
+            cluster={"redis": redis_server.url, "lease": "3s"},
+            heartbeat={"interval": "1s"},
+        )
+        paths.append(tmp_path / f"k{i}.yaml")
+        paths[-1].write_text(yaml.safe_dump(data))
+    async with contextlib.AsyncExitStack() as stack:
+        fleet = [await stack.enter_async_context(running_proxy(path)) for path in paths]
+        for proxy in fleet:
+            await proxy.log_line(r"cluster: registered as")
+
+        async def one(proxy: ProxyProcess, i: int) -> int:
+            body = {"model": "llama3.2", "prompt": f"batch {i}", "stream": False}
+            headers = {"Authorization": f"Bearer {key}"}
+            async with http.post(proxy.listen + "/api/generate", json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(fleet[i % 2], i) for i in range(6)))
+        assert statuses == [200] * 6
+        assert slow_sim.peak == 1  # the key's own cap, shared; the global limit of 4 had room
+        await eventually(lambda: no_leases(redis_server), timeout=5)

@@ -185,9 +185,13 @@ async def test_a_burst_split_across_proxies_reaches_the_limit_and_never_exceeds_
         assert statuses == [200] * (8 * n)
         assert slow_sim.peak == 3  # never above the shared limit, and reached (work-conserving)
         await eventually(lambda: no_leases(redis_server), timeout=5)  # every lease given back
-        async with http.get(fleet[0].admin + "/-/queue") as resp:
-            view = await resp.json()
-        assert view["cluster"] == {"up": True, "peers": n, "running": {"global": 0}, "leases_lost": 0}
+        expected = {"up": True, "peers": n, "running": {"global": 0}, "leases_lost": 0}
+
+        async def settled() -> bool:  # a peer's heartbeat may run late on a loaded machine
+            async with http.get(fleet[0].admin + "/-/queue") as resp:
+                return (await resp.json())["cluster"] == expected
+
+        await eventually(settled, timeout=10)
 
 
 async def test_a_model_cap_holds_across_proxies(

@@ -10,6 +10,9 @@ What happened is written into one `Exchange` (facts only: what failed, where
 the request was, what it cost) and handed to the observers (metrics, access
 log) once, in `finally`; only what happens while a request waits (keep-alive
 frames, a failed connection after which it keeps its place) is counted as it goes.
+
+A little over 400 lines: the one path reads best as one file, top to bottom,
+with the few helpers it calls (body, relay, requeue) beside it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ failed connection after which the request kept its place), since the request
 may wait for minutes yet. The gauges that describe the queue (depth, in flight, limit) are read
 from the admission state at scrape time instead, so they are right at every
 moment and cannot drift through a missed decrement.
+
+A little over 400 lines because the contract's families (requests, queue,
+tokens, fair share, backends, cluster) are declared here together, one place
+for every name and label an operator's dashboard reads.
 """
 
 from __future__ import annotations

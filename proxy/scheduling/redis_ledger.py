@@ -70,8 +70,9 @@ RETRY_INTERVAL = 0.5
 #: How often a proxy says it is alive and counts the others (at most lease/3): the peer count
 #: is each proxy's share of the limits should Redis go down, so it must not lag by long.
 HEARTBEAT_INTERVAL = 1.0
-#: After Redis returns, how long a proxy still keeps to its share: the others that lost Redis
-#: too need up to one retry (and a timed-out command) to write their running requests back.
+#: After Redis returns, how long a proxy still keeps to its share (at least `cluster.lease`): the
+#: others that lost Redis too need up to one retry (and a timed-out command) to write their
+#: running requests back, later on a loaded machine.
 REJOIN_WINDOW = 2 * RETRY_INTERVAL + COMMAND_TIMEOUT
 
 
@@ -371,7 +372,7 @@ class RedisLedger:
 
     async def _came_back(self) -> None:
         """Redis answers again: re-register, write every running request's lease, forget the orphans."""
-        self._rejoin_until = asyncio.get_running_loop().time() + REJOIN_WINDOW
+        self._rejoin_until = asyncio.get_running_loop().time() + max(REJOIN_WINDOW, self._cluster.lease)
         await self._heartbeat()
         # Until nothing is left to write: requests admitted locally meanwhile must be counted too.
         while unwritten := [lease for leases in self._held.values() for lease in leases if not lease.written]:

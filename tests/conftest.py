@@ -11,6 +11,7 @@ from proxy.config import config_from_dict
 from proxy.server import Server
 from proxy.sim import Simulator
 from tests.support import MakeProxy, proxy_config
+from tests.support.redisserver import RedisServer
 
 
 @pytest.fixture
@@ -47,3 +48,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         timeout=aiohttp.ClientTimeout(total=60), connector=aiohttp.TCPConnector(limit=0)
     ) as session:
         yield session
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free loopback port (modules that use it call `require_redis_server`)."""
+    server = RedisServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -51,6 +51,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as BrokenConnection
 from redis.exceptions import RedisError
 
 from proxy.config import BackendConfig, ClusterConfig, LimitsConfig
@@ -85,13 +86,21 @@ def _text(value: bytes | str | None) -> str:
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A client that fails fast (no retries, short timeouts): a Redis that does not
-    answer must turn into the `on_redis_down` mode within a second, not stall admissions."""
+    """A client that fails fast (short timeouts, no backoff): a Redis that does not
+    answer must turn into the `on_redis_down` mode within a second, not stall admissions.
+
+    A broken connection is retried once, at once, on a new one: after Redis restarts,
+    every pooled connection still points at the old server and fails on first use, and
+    taking that for "Redis is down" flips a proxy into `local` while its peers admit
+    through Redis, which together let more than the limit through. Every script is safe
+    to run twice (`TAKE` answers "taken" for a member it already holds). A timeout is
+    not retried: it is what a Redis that is really gone looks like.
+    """
     return aioredis.Redis.from_url(
         url,
         socket_connect_timeout=COMMAND_TIMEOUT,
         socket_timeout=COMMAND_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1, supported_errors=(BrokenConnection,)),
         health_check_interval=0,
     )
 
@@ -106,6 +115,8 @@ class _Lease:
     lost: bool = False
     #: Known to be in Redis; False once Redis went away (it may come back empty), or taken locally.
     written: bool = False
+    #: Given back: a renewal already under way must not write it again.
+    given: bool = False
 
 
 @dataclass
@@ -148,8 +159,8 @@ class RedisLedger:
         self._limits_seen: set[str] = set()
         #: Registered once: a later heartbeat that finds this proxy new means Redis forgot it.
         self._registered = False
-        #: Slots the other proxies held at their last heartbeat (for the budget while Redis is down).
-        self._others_running = 0
+        #: Slots each other proxy held at its last heartbeat (for the budget while Redis is down).
+        self._peer_running: dict[str, int] = {}
         #: Loop time until which admissions through Redis also keep to this proxy's share.
         self._rejoin_until = 0.0
         self._client: aioredis.Redis | None = None
@@ -177,6 +188,7 @@ class RedisLedger:
     def give(self, claim: Claim) -> Awaitable[None] | None:
         leases = self._held[claim]
         lease = leases.pop()
+        lease.given = True
         if not leases:
             del self._held[claim]
         self._held_total -= 1
@@ -263,6 +275,8 @@ class RedisLedger:
         pairs = self.limits_of(claim)
         if pairs is None:
             return False
+        if self.view.up and self._rejoining() and not self._within_share(claim):
+            return False  # room is reported when a slot comes back here, or when the rejoin ends
         lease = _Lease(f"{self.id}:{next(self._seq)}", [key for key, _ in pairs])
         written: _Lease | None = None
         if self.view.up and self._client is not None:
@@ -281,7 +295,7 @@ class RedisLedger:
                 elif refused:
                     self._global_full = self._global_full or refused == 1
                     return False
-                elif self._rejoining() and not self._within_share(claim):
+                elif self._rejoining() and not self._within_share(claim):  # another take won meanwhile
                     await self._give(lease)
                     return False
                 else:
@@ -334,10 +348,14 @@ class RedisLedger:
         return max(1, limit // max(1, self.view.peers))
 
     def _global_budget(self) -> int:
-        """Slots this proxy may hold while Redis is down: its share of `max_concurrent`, and no
-        more than the others left free when last seen (a proxy caught holding more than its
-        share keeps it until its requests end, so the others must not count on theirs)."""
-        return max(1, min(self._share(self._max_concurrent), self._max_concurrent - self._others_running))
+        """Slots this proxy may hold while Redis is down or just back: its share of
+        `max_concurrent`, and no more than the others left free when last seen (a proxy caught
+        holding more than its share keeps it until its requests end, so the others must not
+        count on theirs). At least 1 while Redis is down, as the contract says; none beyond
+        the limit once Redis answers, where the limit is promised."""
+        others = sum(self._peer_running.values())
+        room = min(self._share(self._max_concurrent), self._max_concurrent - others)
+        return room if self.view.up else max(1, room)
 
     @property
     def _lease_ms(self) -> int:
@@ -371,18 +389,19 @@ class RedisLedger:
         self._room()  # refuse: end the waits now; local: admit up to the share
 
     async def _came_back(self) -> None:
-        """Redis answers again: re-register, write every running request's lease, forget the orphans."""
+        """Redis answers again: write every running request's lease, re-register, forget the orphans.
+
+        Leases first, registration after: a peer that sees this proxy registered may rely on
+        Redis counting its running requests.
+        """
         self._rejoin_until = asyncio.get_running_loop().time() + max(REJOIN_WINDOW, self._cluster.lease)
+        await self._write_back()
         await self._heartbeat()
-        # Until nothing is left to write: requests admitted locally meanwhile must be counted too.
-        while unwritten := [lease for leases in self._held.values() for lease in leases if not lease.written]:
-            for lease in unwritten:
-                await self._call("renew", lease.keys, [self._lease_ms, lease.member])
-                lease.written = True
         while self._orphans:
             lease = self._orphans[-1]
             await self._call("give", lease.keys, [lease.member, self._channel, self.id])
             self._orphans.pop()
+        await self._write_back()  # what was admitted locally during the awaits above
         self.view.up = True  # no await since the last check: nothing admitted locally is left out
         self._global_full = False
         log.info(
@@ -390,6 +409,14 @@ class RedisLedger:
             self._cluster.redis, self.id, self._held_total, self.view.peers,
         )  # fmt: skip
         self._room()
+
+    async def _write_back(self) -> None:
+        """Write a lease for every running request Redis may not know, until none is left
+        (requests admitted locally during the writes must be counted too)."""
+        while unwritten := [lease for leases in self._held.values() for lease in leases if not lease.written]:
+            for lease in unwritten:
+                await self._call("renew", lease.keys, [self._lease_ms, lease.member])
+                lease.written = True
 
     async def _heartbeat(self, leaving: bool = False) -> None:
         """Say this proxy is alive, with its limits and running count; learn the others'."""
@@ -412,9 +439,14 @@ class RedisLedger:
         if alive != self.view.peers:
             log.info("cluster: %d proxies alive (was %d)", alive, self.view.peers)
             self.view.peers = alive
-        self._others_running = sum(
-            int(peer.get("running", 0)) for name, peer in peers.items() if name != self.id
-        )
+        running = {name: int(peer.get("running", 0)) for name, peer in peers.items() if name != self.id}
+        if self._rejoining():
+            # A peer seen before the outage that has not re-registered yet is not in Redis's
+            # counts: it still runs what it ran, and may have admitted up to its share meanwhile.
+            share = self._share(self._max_concurrent)
+            for name, was in self._peer_running.items():
+                running.setdefault(name, max(was, share))
+        self._peer_running = running
         seen = {json.dumps(peer["limits"], sort_keys=True) for peer in peers.values() if "limits" in peer}
         if len(seen) > 1 and seen != self._limits_seen:
             log.warning(
@@ -426,6 +458,8 @@ class RedisLedger:
 
     async def _renew(self) -> None:
         for lease in [lease for leases in self._held.values() for lease in leases]:
+            if lease.given:  # given back during an earlier renewal's await: writing it would leak it
+                continue
             gone = await self._call("renew", lease.keys, [self._lease_ms, lease.member])
             if gone and not lease.lost:
                 lease.lost = True
@@ -469,6 +503,9 @@ class RedisLedger:
                         await self._came_back()
                         renewed = loop.time()
                         continue
+                    if self._rejoin_until and not self._rejoining():
+                        self._rejoin_until = 0.0
+                        self._room()  # back to the whole limit: waiters held to the share may go
                     await self._heartbeat()
                     if loop.time() - renewed >= renew_every - tick / 2:
                         await self._renew()

@@ -10,8 +10,11 @@ more key, not a new script.
 # proxy's id, then one cap per limit. Returns 0 when taken, the 1-based index of the first
 # limit that is full, or -1 when this proxy is not registered: Redis restarted (or was
 # flushed) since, so the counts miss this proxy's running requests until it writes them back.
+# A member already held answers 0: the client retries a call whose connection broke, and
+# the first run may have taken it.
 TAKE = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then return -1 end
+if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 2, #KEYS do

@@ -66,6 +66,8 @@ log = logging.getLogger("proxy.cluster")
 POLL_INTERVAL = 1.0
 #: One Redis command's bound: past it, Redis counts as down.
 COMMAND_TIMEOUT = 2.0
+#: Connections to Redis at most: calls beyond wait their turn (within COMMAND_TIMEOUT).
+POOL_SIZE = 32
 #: How often a proxy that lost Redis tries it again.
 RETRY_INTERVAL = 0.5
 #: How often a proxy says it is alive and counts the others (at most lease/3): the peer count
@@ -85,9 +87,23 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value or ""
 
 
+def _stop_if_cancelled() -> None:
+    """End a background loop whose cancellation was swallowed: on Python 3.11, `wait_for`
+    and `asyncio.timeout` (which redis-py's reads use) can lose a `cancel()` that races
+    an answer or their own deadline (fixed in 3.12), and a `while True` would then keep
+    the server's stop waiting forever. The request stays counted in `cancelling()`."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def connect(url: str) -> aioredis.Redis:
     """A client that fails fast (short timeouts, no backoff): a Redis that does not
     answer must turn into the `on_redis_down` mode within a second, not stall admissions.
+
+    Calls beyond `POOL_SIZE` wait for a connection (redis-py's default pool instead fails
+    the 101st concurrent call with "Too many connections", which read as Redis down when
+    a burst of requests ended together).
 
     A broken connection is retried once, at once, on a new one: after Redis restarts,
     every pooled connection still points at the old server and fails on first use, and
@@ -96,13 +112,16 @@ def connect(url: str) -> aioredis.Redis:
     to run twice (`TAKE` answers "taken" for a member it already holds). A timeout is
     not retried: it is what a Redis that is really gone looks like.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=POOL_SIZE,
+        timeout=COMMAND_TIMEOUT,
         socket_connect_timeout=COMMAND_TIMEOUT,
         socket_timeout=COMMAND_TIMEOUT,
         retry=Retry(NoBackoff(), 1, supported_errors=(BrokenConnection,)),
         health_check_interval=0,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 @dataclass(eq=False, slots=True)
@@ -497,6 +516,7 @@ class RedisLedger:
             tick = min(HEARTBEAT_INTERVAL, renew_every)
             renewed = loop.time()
             while True:
+                _stop_if_cancelled()
                 await asyncio.sleep(tick if self.view.up else RETRY_INTERVAL)
                 try:
                     if not self.view.up:
@@ -539,11 +559,13 @@ class RedisLedger:
             try:
                 await pubsub.subscribe(self._channel)
                 while True:
+                    _stop_if_cancelled()
                     message = await pubsub.get_message(timeout=POLL_INTERVAL)
                     if message is None or message.get("data") != self.id.encode():
                         self._global_full = False
                         self._room()
             except (RedisError, OSError, TimeoutError):
+                _stop_if_cancelled()
                 await asyncio.sleep(RETRY_INTERVAL)
             finally:
                 await pubsub.aclose()

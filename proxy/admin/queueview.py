@@ -92,6 +92,8 @@ async def queue(request: web.Request) -> web.Response:
         view["cluster"] = {
             "up": cluster.view.up, "peers": cluster.view.peers, "running": running,
             "leases_lost": cluster.view.leases_lost,
+            # What this proxy does while `up` is false (a restart setting: the config it started with).
+            "on_redis_down": state.config.cluster.on_redis_down,
         }  # fmt: skip
     return web.json_response(view, headers=_NO_STORE)
 

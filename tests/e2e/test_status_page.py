@@ -14,11 +14,13 @@ from importlib import resources
 
 import aiohttp
 import pytest
+import redis.asyncio as redis
 from aiohttp import web
 
 from proxy.server import Server
-from tests.support import eventually, hold_the_slot, serving
+from tests.support import eventually, hold_the_slot, release, serving
 from tests.support.browser import BrowserUnavailable, ensure_chromium, png_colours, run_chromium
+from tests.support.redisserver import RedisServer, needs_redis_server
 
 #: Virtual time the page may run: its first fetch and a few refreshes.
 BUDGET = "--virtual-time-budget=3000"
@@ -228,6 +230,117 @@ async def test_status_is_one_self_contained_file(sim, make_proxy, http):
         assert resp.status == 200 and resp.content_type == "text/html"
         assert resp.headers["Cache-Control"] == "no-store"
         assert await resp.text() == page
+
+
+async def test_without_a_cluster_the_page_has_no_cluster_part(sim, make_proxy, chromium):
+    proxy = await make_proxy()
+    dom = Dom(await render(chromium, proxy.admin_url + "/-/status", "--dump-dom"))
+    assert dom.by_id("running").text == "0"  # drawn: the script ran
+    assert all("hidden" in dom.by_id(ident).attrs for ident in ("cluster", "redis-down"))
+    labels = [e for e in dom.elements if "this-proxy" in e.classes()]
+    assert len(labels) == 5 and all("hidden" in label.attrs for label in labels)
+
+
+@needs_redis_server
+async def test_cluster_part_counts_every_proxy_and_the_rest_is_this_proxys(
+    sim, redis_server: RedisServer, make_proxy, http, chromium
+):
+    cluster = {"redis": redis_server.url, "lease": "3s"}
+    limits = {"max_concurrent": 4, "models": {"big": 2}}
+    a = await make_proxy(limits=limits, cluster=cluster)
+    b = await make_proxy(limits=limits, cluster=cluster)
+    sim.load_delay = 60
+    held = [asyncio.create_task(_post(http, a, "big"))]
+    held += [asyncio.create_task(_post(http, b, model)) for model in ("big", "llama3.2")]
+    await sim.wait_until(lambda: sim.active == 3)
+    sim.load_delay = 0
+    # Big's cap is full across the cluster: this one waits on A.
+    held.append(asyncio.create_task(_post(http, a, "big")))
+    seen: list[dict] = []
+
+    async def settled(lost: int) -> bool:  # B's heartbeat tells A there are two of them
+        seen.append(await get_queue(http, a))
+        counts = {"global": 3, "model:big:latest": 2}
+        expected = {"up": True, "peers": 2, "running": counts, "leases_lost": lost}
+        return {key: seen[-1]["cluster"][key] for key in expected} == expected and seen[-1]["waiting"] == 1
+
+    await eventually(lambda: settled(0), timeout=10)
+    # As if the leases had been reaped while the proxies stalled: each finds its own gone on
+    # renewal (within lease/3), writes it again and counts it. Big's cap still holds A's waiter.
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        await client.delete("oqp:lease:global")
+    finally:
+        await client.aclose()
+    try:
+        await eventually(lambda: settled(1), timeout=10)
+    except AssertionError:
+        raise AssertionError(f"A's view never settled: {seen[-1]}") from None
+
+    dom = Dom(await render(chromium, a.admin_url + "/-/status", "--dump-dom"))
+    after = await get_queue(http, a)
+    assert after["cluster"] == seen[-1]["cluster"] and after["running"] == 1  # held still while it rendered
+    assert after["cluster"]["on_redis_down"] == "local"
+    assert "hidden" not in dom.by_id("cluster").attrs and "hidden" in dom.by_id("redis-down").attrs
+    # Across the cluster: both proxies' slots against the one limit.
+    assert (dom.by_id("cluster-redis").text, dom.by_id("cluster-peers").text) == ("up", "2")
+    assert (dom.by_id("cluster-running").text, dom.by_id("cluster-max-concurrent").text) == ("3", "4")
+    assert "hidden" not in dom.by_id("cluster-lost").attrs and dom.by_id("cluster-leases-lost").text == "1"
+    assert boxes(dom, "cluster-slots") == [["busy", "slot"], ["other", "slot"], ["other", "slot"], ["slot"]]
+    [row] = dom.having("data-cluster-model")
+    assert row.attrs["data-cluster-model"] == "big:latest"
+    assert (row.cell("cap").text, row.cell("running").text) == ("2", "2")
+    # The rest is A's alone, and says so.
+    assert (dom.by_id("running").text, dom.by_id("waiting").text) == ("1", "1")
+    assert boxes(dom, "slots") == [["busy", "slot"], ["slot"], ["slot"], ["slot"]]
+    assert [r.cell("model").text for r in dom.having("data-position")] == ["big:latest"]
+    labels = [e for e in dom.elements if "this-proxy" in e.classes()]
+    assert len(labels) == 5 and not any("hidden" in label.attrs for label in labels)
+    assert dom.by_id("slots-title").text.split() == ["Slots", "this", "proxy"]
+
+    for task in held:
+        task.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
+
+
+@needs_redis_server
+@pytest.mark.parametrize(
+    ("mode", "says"),
+    [("local", "serves on with its share of each limit (the limit ÷ 1 proxy"), ("refuse", "refuses")],
+    ids=["local", "refuse"],
+)
+async def test_redis_down_is_shown_with_what_this_proxy_does_meanwhile(
+    sim, redis_server: RedisServer, make_proxy, http, chromium, mode, says
+):
+    proxy = await make_proxy(
+        limits={"max_concurrent": 2, "models": {"big": 1}},
+        cluster={"redis": redis_server.url, "lease": "3s", "on_redis_down": mode},
+    )
+    held = await hold_the_slot(sim, http, proxy)
+    await redis_server.kill()
+
+    async def noticed() -> bool:  # the page's own source: its next count finds Redis gone
+        return (await get_queue(http, proxy))["cluster"]["up"] is False
+
+    await eventually(noticed)
+    dom = Dom(await render(chromium, proxy.admin_url + "/-/status", "--dump-dom"))
+    banner = dom.by_id("redis-down")
+    assert "hidden" not in banner.attrs and banner.attrs["data-mode"] == mode
+    assert "Redis is unreachable" in banner.text and says in dom.by_id("redis-down-detail").text
+    # The last counts are stale once Redis is gone: shown as not known, never as current.
+    assert (dom.by_id("cluster-redis").text, dom.by_id("cluster-running").text) == ("down", "–")
+    assert dom.by_id("cluster-peers-label").text == "proxies last seen alive"
+    assert dom.by_id("cluster-peers").text == "1"
+    assert all("hidden" in dom.by_id(ident).attrs for ident in ("cluster-slots", "cluster-legend"))
+    [row] = dom.having("data-cluster-model")
+    assert (row.cell("cap").text, row.cell("running").text) == ("1", "–")
+    assert dom.by_id("running").text == "1"  # this proxy's running request goes on
+    await release(held)
+
+
+def boxes(dom: Dom, ident: str) -> list[list[str]]:
+    """The classes of each slot box drawn in `ident`, in order."""
+    return [sorted(box.classes()) for box in dom.by_id(ident).children]
 
 
 async def _post(http: aiohttp.ClientSession, proxy: Server, model: str) -> None:

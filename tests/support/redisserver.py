@@ -20,10 +20,16 @@ from tests.support import eventually
 REDIS_SERVER = shutil.which("redis-server")
 
 
+_MISSING = REDIS_SERVER is None and os.environ.get("CI") != "true"
+_WHY = "redis-server is not installed (apt-get install redis-server)"
+#: The same for one test in a module that mostly needs no Redis (skipped before its fixtures start).
+needs_redis_server = pytest.mark.skipif(_MISSING, reason=_WHY)
+
+
 def require_redis_server() -> None:
     """Skip the calling module without redis-server, unless in CI."""
-    if REDIS_SERVER is None and os.environ.get("CI") != "true":
-        pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
+    if _MISSING:
+        pytest.skip(_WHY, allow_module_level=True)
 
 
 def _free_port() -> int:

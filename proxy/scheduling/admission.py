@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 from proxy.config import PRIORITIES, BackendConfig, LimitsConfig
-from proxy.errors import ProxyError, QueueTimeout
+from proxy.errors import ModelNotFound, ProxyError, QueueTimeout
 from proxy.ollama.names import canonical_model
 from proxy.scheduling.capacity import CapacityLedger, Claim, LocalLedger
 from proxy.scheduling.fair import FairShare
@@ -204,6 +204,7 @@ class Admission:
         loop = asyncio.get_running_loop()
         waiter = Waiter(Claim(canonical_model(model), client), next(self._arrivals), loop.time())
         waiter.priority, waiter.party = priority, client if party is None else party
+        waiter.asked = model
         return Slot(self, waiter)
 
     def pause(self) -> None:
@@ -222,6 +223,20 @@ class Admission:
             if waiter.waiting:  # else its task was cancelled already
                 assert waiter.future is not None
                 waiter.future.set_exception(error())
+                failed += 1
+        return failed
+
+    def fail_unlisted(self, unlisted: Callable[[str, float], bool]) -> int:
+        """End with Ollama's 404 the wait of every request whose model no backend will run:
+        `unlisted(model, arrived)` (canonical name, loop time) judges by lists read after the
+        request arrived. A request that arrived while upstream was down could not be checked
+        then, and would otherwise wait, never placed, until `limits.queue_timeout`."""
+        failed = 0
+        for waiter in self._queue.in_order():
+            if waiter.waiting and unlisted(waiter.claim.model, waiter.enqueued_at):
+                self._queue.remove(waiter)
+                assert waiter.future is not None
+                waiter.future.set_exception(ModelNotFound(waiter.asked))
                 failed += 1
         return failed
 

@@ -32,6 +32,8 @@ class Waiter:
     party: str = ""
     #: Cost charged to `party` for this request so far (settled from the final counts).
     charged: float = 0.0
+    #: The model as the client named it: an error about the model quotes it so, as Ollama does.
+    asked: str = ""
 
     @property
     def waiting(self) -> bool:

@@ -49,6 +49,9 @@ class _FleetGate:
             return -1
         return self._gate.fail_waiting(error)
 
+    def fail_unlisted(self, unlisted: Callable[[str, float], bool]) -> int:
+        return self._gate.fail_unlisted(self._fleet.unlisted)  # another backend may list it
+
 
 class Fleet:
     """Every backend's health, and the `Router` the scheduler asks where a slot may go."""
@@ -183,6 +186,12 @@ class Fleet:
         if self.outage_over():
             for member in self._members.values():
                 member.refuse_newcomer()
+
+    def unlisted(self, model: str, since: float) -> bool:
+        """No healthy backend lists `model` (canonical), each by a list read after `since`;
+        as `check_model` judges, backends known down do not count."""
+        healthy = [member for member in self._members.values() if member.up is not False]
+        return bool(healthy) and all(member.lacks(model, since) for member in healthy)
 
     async def check_model(self, model: str, arrived: float) -> None:
         """Raise Ollama's 404 if no healthy backend lists `model` (each re-reads a stale list

@@ -59,6 +59,10 @@ class Gate(Protocol):
         """End every wait with `error()`; how many, or -1 if the gate judged it not yet time."""
         ...
 
+    def fail_unlisted(self, unlisted: Callable[[str, float], bool]) -> int:
+        """End with a 404 every wait whose model `unlisted(model, arrived)`; how many."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Probe:
@@ -139,6 +143,15 @@ class UpstreamHealth:
         """Upstream's last list has `model` (a canonical name)."""
         return self._models is not None and model in self._models
 
+    def lacks(self, model: str, since: float) -> bool:
+        """Up, and a list read after `since` (loop time) does not have `model` (canonical)."""
+        return (
+            self._up is True
+            and self._models is not None
+            and self._models_at >= since
+            and model not in self._models
+        )
+
     def may_run(self, model: str) -> bool:
         """Healthy (or not probed yet) and listing `model`, or with a list not known yet.
 
@@ -188,6 +201,14 @@ class UpstreamHealth:
                 return
         raise ModelNotFound(model)
 
+    def _answer_unlisted(self) -> None:
+        """A fresh list: requests that arrived during an outage, for a model it does not
+        have, get Ollama's 404 now (checked at arrival, they would have got it then)."""
+        if failed := self._gate.fail_unlisted(self.lacks):
+            log.info(
+                "%s lists none of the models %d waiting requests asked for: answered 404", self.name, failed
+            )
+
     def keep_waiting(self, error: str) -> bool:
         """A request could not connect (upstream never received it): note the outage at
         once, and say whether the request should go back to the queue (True) or fail now."""
@@ -209,6 +230,7 @@ class UpstreamHealth:
                 await self.probe()
                 if self._up:
                     await self._refresh_tags(asyncio.get_running_loop().time())
+                    self._answer_unlisted()
                     await self._read_ps()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._config.interval):

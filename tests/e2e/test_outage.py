@@ -223,3 +223,31 @@ async def test_unknown_model_is_ollamas_404_at_once_and_a_new_pull_is_seen(sim, 
     metrics = await scrape(http, proxy)
     assert sample(metrics, "ollama_proxy_rejected_total", reason="model_not_found") == 2
     assert [r.model for r in sim.records] == ["llama3.2"]  # the 404s never reached upstream
+
+
+async def test_an_unknown_model_asked_during_an_outage_gets_ollamas_404_once_upstream_is_back(
+    sim, make_proxy, http
+):
+    """Nothing could say "not found" while Ollama was down, so the request waited; once Ollama
+    answers and lists no such model, it gets the 404 it would have had (it used to wait, never
+    placed, until limits.queue_timeout)."""
+    proxy = await make_proxy(heartbeat={"interval": "30s"}, health={"interval": "200ms"})
+    await eventually(lambda: proxy.state.health.models is not None, timeout=10)
+    await sim.close()
+    await eventually(lambda: proxy.state.health.up is False, timeout=10)
+    url = proxy.listen_url
+
+    async def generate(model: str) -> tuple[int, bytes]:
+        async with http.post(url + "/api/generate", json={"model": model, "stream": False}) as resp:
+            return resp.status, await resp.read()
+
+    unknown = asyncio.create_task(generate("Nope"))
+    known = asyncio.create_task(generate("llama3.2"))
+    await eventually(lambda: proxy.state.admission.waiting_total == 2, timeout=10)
+    await restart(sim)
+    async with asyncio.timeout(10):
+        assert await unknown == (404, b'{"error":"model \'Nope\' not found"}')  # as the client spelled it
+        assert (await known)[0] == 200
+    assert [r.model for r in sim.records] == ["llama3.2"]
+    metrics = await scrape(http, proxy)
+    assert sample(metrics, "ollama_proxy_rejected_total", reason="model_not_found") == 1

@@ -21,6 +21,9 @@ class NoGate:
     def fail_waiting(self, error: Callable[[], ProxyError]) -> int:
         return 0
 
+    def fail_unlisted(self, unlisted: Callable[[str, float], bool]) -> int:
+        return 0
+
 
 def fleet(**hosts: int) -> Fleet:
     backends = {

@@ -547,6 +547,30 @@ def test_judge(result: Call, records: list[GenRecord], outcome: str, violation: 
         assert verdict.violation is not None and violation in verdict.violation
 
 
+def _timed(result: Call, sent_at: float, ended_at: float, failure: str | None = None) -> Call:
+    result.sent_at, result.ended_at, result.failure = sent_at, ended_at, failure
+    return result
+
+
+@pytest.mark.parametrize(
+    ("failure", "sent_at", "records", "outcome"),
+    [
+        ("connect: refused", 2, [], "refused_after_drain"),
+        ("ConnectionResetError", 2, [], "refused_after_drain"),
+        ("IncompleteReadError", 2, [], "refused_after_drain"),
+        ("ConnectionResetError", 2, [_record(False)], "no_response"),
+        ("ConnectionResetError", 0.5, [], "no_response"),
+    ],
+)  # fmt: skip
+def test_judge_after_a_drain(failure: str, sent_at: float, records: list[GenRecord], outcome: str) -> None:
+    """A request sent once the drain began (at 1) may find the listener closed: refused, or
+    reset in its accept backlog as it closed; never once upstream saw the request."""
+    result = _timed(_call("chat", False, None, b"", framed=False), sent_at, 3, failure)
+    verdict = judge(result, records, tokens=2, drain_began=1)
+    assert verdict.outcome == outcome
+    assert (verdict.violation is None) == (outcome == "refused_after_drain")
+
+
 def test_judge_calls_a_client_that_saw_no_end_silence() -> None:
     result = _call("generate", True, 200, _NDJSON_FRAME)
     result.failure = "timeout"

@@ -405,7 +405,7 @@ def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: floa
     if result.failure == "timeout":
         return Verdict("silence", f"no end within the client's timeout: {_seen(result)}")
     if result.status is None:
-        if after_drain and (result.failure or "").startswith("connect:"):
+        if after_drain and _refused(result, records):
             return Verdict("refused_after_drain")  # the drain had ended and the listener closed
         return Verdict("no_response", f"the connection ended without a status line: {_seen(result)}")
     if not result.framed:
@@ -439,6 +439,15 @@ def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: floa
                 verdict.outcome, f"upstream completed, the client got {verdict.outcome}: {_seen(result)}"
             )
     return verdict
+
+
+def _refused(result: Call, records: list[GenRecord]) -> bool:
+    """Refused by a closed listener: the connection, or (sent as the drain ended and the
+    listener closed) reset or closed before a byte was read, the request never served."""
+    failure = result.failure or ""
+    if failure.startswith("connect:"):
+        return True
+    return failure in ("ConnectionResetError", "IncompleteReadError") and not result.body and not records
 
 
 def _judge_unknown_model(result: Call, records: list[GenRecord]) -> Verdict:

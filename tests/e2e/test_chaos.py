@@ -33,13 +33,17 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import load_config
+from proxy.config import config_from_dict, load_config
+from proxy.errors import ClusterDown
 from proxy.ollama.names import canonical_model
+from proxy.scheduling.capacity import Claim
+from proxy.scheduling.redis_ledger import RedisLedger
 from proxy.server import Server
 from proxy.sim import GARBAGE, GenRecord, Simulator
 from tests.support import ProxyProcess, eventually, proxy_config, running_proxy
 from tests.support.chaos import (
     CHAOS_KEYS,
+    CLUSTER_DOWN,
     MAX_BODY,
     SPOOL_ABOVE,
     Call,
@@ -547,9 +551,65 @@ def test_judge(result: Call, records: list[GenRecord], outcome: str, violation: 
         assert verdict.violation is not None and violation in verdict.violation
 
 
+_REFUSED = b'{"error":"the proxies\' shared slot ledger (Redis) is unreachable; retry shortly"}'
+_REFUSED_SSE = (
+    b'data: {"error":{"message":"the proxies\' shared slot ledger (Redis) is unreachable; retry shortly",'
+    b'"type":"server_error","code":"cluster_down"}}\n\n'
+)
+
+
 def _timed(result: Call, sent_at: float, ended_at: float, failure: str | None = None) -> Call:
     result.sent_at, result.ended_at, result.failure = sent_at, ended_at, failure
     return result
+
+
+@pytest.mark.parametrize(
+    ("result", "cluster", "outcome", "violation"),
+    [
+        (_timed(_call("chat", False, 503, _REFUSED, **{"retry-after": "1"}), 1, 2), {"redis_down": (1.5, 3)},
+         "refused:cluster_down", None),
+        (_timed(_call("chat", False, 503, _REFUSED, **{"retry-after": "1"}), 1, 2), {"redis_down": None},
+         "error:503", "while Redis answered"),
+        (_timed(_call("chat", False, 503, _REFUSED, **{"retry-after": "1"}), 1, 2), {"redis_down": (2.5, 3)},
+         "error:503", "while Redis answered"),
+        (_timed(_call("chat", False, 503, _REFUSED), 1, 2), {"redis_down": (1.5, 3)}, "error:503", "Retry-After"),
+        (_timed(_call("openai", True, 200, b": queued\n\n" + _REFUSED_SSE), 1, 2), {"redis_down": (0, 1.5)},
+         "refused:cluster_down", None),
+        (_timed(_call("openai", True, 200, b": queued\n\n" + _REFUSED_SSE), 1, 2), {"killed_at": 1.5},
+         "inband_error", "while Redis answered"),
+        (_timed(_call("chat", False, None, b"", framed=False), 1, 2, "IncompleteReadError"), {"killed_at": 1.5},
+         "cut_by_kill", None),
+        (_timed(_call("generate", True, 200, _NDJSON_FRAME + _NDJSON_TOKEN, framed=False), 1, 2, "ConnectionResetError"),
+         {"killed_at": 1.5}, "cut_by_kill", None),
+        (_timed(_call("chat", False, None, b"", framed=False), 1, 2, "IncompleteReadError"), {"killed_at": 2.5},
+         "no_response", "without a status line"),
+        (_timed(_call("chat", False, None, b"", framed=False), 1, 2, "IncompleteReadError"), {},
+         "no_response", "without a status line"),
+        (_timed(_call("generate", True, 200, _NDJSON_FRAME, framed=False), 1, 20, "timeout"), {"killed_at": 1.5},
+         "silence", "no end within"),
+    ],
+)  # fmt: skip
+def test_judge_in_a_cluster(result: Call, cluster: dict, outcome: str, violation: str | None) -> None:
+    """A cut is the one error of a client whose own proxy was killed while it was open, and
+    Redis's refusal is right only for a request open while Redis was down."""
+    verdict = judge(result, [], tokens=2, drain_began=None, **cluster)
+    assert verdict.outcome == outcome
+    if violation is None:
+        assert verdict.violation is None
+    else:
+        assert verdict.violation is not None and violation in verdict.violation
+
+
+async def test_the_judge_knows_the_refusal_a_proxy_sends_while_redis_is_down() -> None:
+    """`CLUSTER_DOWN` is in what the proxy really says (or no refusal would be checked)."""
+    cluster = {"redis": "redis://127.0.0.1:1/0", "on_redis_down": "refuse"}
+    config = config_from_dict(proxy_config("http://127.0.0.1:1", cluster=cluster))
+    ledger = RedisLedger(config.cluster, config.limits)  # never attached nor started: Redis is down
+    with pytest.raises(ClusterDown) as refused:
+        await ledger.take(Claim("llama3.2:latest"))
+    assert CLUSTER_DOWN in refused.value.body(openai=False)
+    assert CLUSTER_DOWN in refused.value.body(openai=True)
+    assert CLUSTER_DOWN in _REFUSED and CLUSTER_DOWN in _REFUSED_SSE
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,9 @@ CHAOS_KEYS = {
 }
 #: What a request may send in X-Priority ("" sends none): valid values only, so none is refused.
 PRIORITY_HEADERS = ("", "low", "normal", "high", "")
+#: What a proxy that cannot reach Redis with `cluster.on_redis_down: refuse` says, in its 503
+#: or in-band after a keep-alive 200 (`ClusterDown`'s message, in both APIs' shapes).
+CLUSTER_DOWN = b"slot ledger (Redis) is unreachable"
 #: Keep-alive frames of the two NDJSON wires: an empty token that is not the end.
 _NDJSON_FRAME = re.compile(rb'"(response|content)":""\}?,"done":false\}$')
 
@@ -394,8 +397,43 @@ class Verdict:
     violation: str | None = None
 
 
-def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: float | None) -> Verdict:
-    """Complete answer, or exactly one clear error; never silence, never a false end."""
+def judge(
+    result: Call,
+    records: list[GenRecord],
+    tokens: int,
+    drain_began: float | None,
+    *,
+    killed_at: float | None = None,
+    redis_down: tuple[float, float] | None = None,
+) -> Verdict:
+    """Complete answer, or exactly one clear error; never silence, never a false end.
+
+    In a cluster two more clear errors: `killed_at` is when the client's own proxy was
+    SIGKILLed (None: it was not), so a connection it cut is the client's one error; and
+    Redis's refusal (503, or in-band after a keep-alive 200) is right only for a request
+    that was open while Redis was down, `redis_down` being from its kill until every proxy
+    said it answers again (None: Redis never went down, so no refusal is right).
+    """
+    if killed_at is not None and _cut_by_kill(result, killed_at):
+        return Verdict("cut_by_kill")
+    verdict = _judge(result, records, tokens, drain_began)
+    if CLUSTER_DOWN not in result.body:
+        return verdict
+    if redis_down is None or not (result.sent_at <= redis_down[1] and result.ended_at >= redis_down[0]):
+        return Verdict(verdict.outcome, f"refused for Redis down while Redis answered: {_seen(result)}")
+    if verdict.violation is None and verdict.outcome in ("error:503", "inband_error"):
+        return Verdict("refused:cluster_down")
+    return verdict
+
+
+def _cut_by_kill(result: Call, killed_at: float) -> bool:
+    """The connection broke (no status, or a body cut short) and was open when its proxy died."""
+    if result.vanished or result.failure in (None, "timeout") or result.ended_at < killed_at:
+        return False
+    return result.status is None or not result.framed
+
+
+def _judge(result: Call, records: list[GenRecord], tokens: int, drain_began: float | None) -> Verdict:
     spec = result.spec
     if result.vanished:
         if result.vanished == "before_body" and records:

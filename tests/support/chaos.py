@@ -123,7 +123,10 @@ class Event:
     """Something done to upstream or the proxy just before request `at` is sent."""
 
     at: int
-    action: str  # fault, clear, slow, fast, down, up, restart, reload, drain
+    #: fault, clear, slow, fast, down, up, restart, reload, drain; in a cluster also
+    #: kill (SIGKILL proxy `arg`), redis_kill, redis_start, crawl and walk (generations
+    #: slow enough to run through Redis's outage, and back).
+    action: str
     arg: Any = None
 
 
@@ -143,16 +146,65 @@ class Settings:
 @dataclass(frozen=True)
 class Plan:
     seed: int
-    mode: str  # "inproc": Server in this process; "process": python -m proxy
+    mode: str  # "inproc": Server in this process; "process": python -m proxy; "cluster": several
     settings: Settings
     specs: list[Spec]
     events: list[Event]
+    proxies: int = 1
+    #: The proxy each request is sent to, by index (a cluster's; empty: proxy 0).
+    routes: tuple[int, ...] = ()
 
     def events_at(self, index: int) -> list[Event]:
         return [event for event in self.events if event.at == index]
 
+    def route(self, index: int) -> int:
+        return self.routes[index] if self.routes else 0
+
 
 def make_plan(seed: int, n: int) -> Plan:
+    return _plan(seed, n)[0]
+
+
+def make_cluster_plan(seed: int, n: int) -> Plan:
+    """The plan of `seed` (its clients, upstream faults, reloads and drain) spread over 2 or 3
+    proxies that share one Redis, with one proxy SIGKILLed and Redis killed and started again
+    at seeded moments.
+
+    Proxy 0 takes about half the clients and is never killed nor drained, so one proxy
+    always survives. A drain (of the proxy not killed) takes the requests from the plan's
+    hang onwards, as in a single proxy's run: they hang into it or arrive while it drains.
+    The requests of a killed proxy that come after the kill go to the others.
+    """
+    plan, span = _plan(seed, n)
+    rng = random.Random(seed * 7_000_003 + 1)  # its own: the single proxy's plan stays what it was
+    drain = any(event.action == "drain" for event in plan.events)
+    proxies = 3 if drain else rng.choice((2, 3))
+    victim = rng.randrange(1, proxies)
+    drained = 3 - victim  # the other of 1 and 2 (used only with 3 proxies, when the plan drains)
+    weights = [proxies - 1] + [1] * (proxies - 1)
+    routes = tuple(
+        drained if drain and i >= span else rng.choices(range(proxies), weights)[0] for i in range(n)
+    )
+    first, last = max(1, n // 6), max(2, span - 4)
+    down = rng.randrange(first, last)
+    up = min(span, down + rng.randint(3, 8))
+    events = [
+        dataclasses.replace(event, arg=drained) if event.action == "drain" else event for event in plan.events
+    ] + [
+        Event(rng.randrange(first, last), "kill", victim),
+        # Requests admitted just before Redis goes still run when it is back: every proxy
+        # writes them back while the others admit again, where the limit is easiest to lose.
+        Event(max(0, down - 6), "crawl"),
+        Event(down, "redis_kill"),
+        Event(up, "redis_start"),
+        Event(min(span, up + 3), "walk"),
+    ]
+    events.sort(key=lambda e: e.at)  # stable: the single proxy's events first at each index
+    return dataclasses.replace(plan, mode="cluster", events=events, proxies=proxies, routes=routes)
+
+
+def _plan(seed: int, n: int) -> tuple[Plan, int]:
+    """The plan, and where its last stretch begins (a drain's, or `n`)."""
     rng = random.Random(seed)
     limit = rng.randint(1, 4)
     tokens, token_delay = 6, rng.choice((0.005, 0.01, 0.02))
@@ -201,7 +253,7 @@ def make_plan(seed: int, n: int) -> Plan:
         events.append(Event(span, "fault", rng.choice(("hang_headers", "hang_body"))))
         events.append(Event(max(span, n - 3), "drain"))
     events.sort(key=lambda e: e.at)  # stable: a window's begin and end keep their order
-    return Plan(seed, "process" if seed % 2 else "inproc", settings, specs, events)
+    return Plan(seed, "process" if seed % 2 else "inproc", settings, specs, events), span
 
 
 def _spec(rng: random.Random, n: int) -> Spec:

@@ -62,7 +62,7 @@ from tests.support.chaos import (
     make_cluster_plan,
     make_plan,
 )
-from tests.support.redisserver import RedisServer, require_redis_server
+from tests.support.redisserver import RedisServer, needs_redis_server
 
 RUNS = int(os.environ.get("CHAOS_RUNS", "3"))
 REQUESTS = int(os.environ.get("CHAOS_REQUESTS", "60"))
@@ -756,10 +756,10 @@ async def cluster_of(paths: list[Path], redis_port: int) -> AsyncIterator[list[P
         yield procs
 
 
+@needs_redis_server
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", CLUSTER_SEEDS)
 async def test_chaos_cluster(seed: int, tmp_path: Path) -> None:
-    require_redis_server()
     plan = make_cluster_plan(seed, REQUESTS)
     s = plan.settings
     loop = asyncio.get_running_loop()

@@ -52,6 +52,9 @@ CHAOS_KEYS = {
 }
 #: What a request may send in X-Priority ("" sends none): valid values only, so none is refused.
 PRIORITY_HEADERS = ("", "low", "normal", "high", "")
+#: What a proxy that cannot reach Redis with `cluster.on_redis_down: refuse` says, in its 503
+#: or in-band after a keep-alive 200 (`ClusterDown`'s message, in both APIs' shapes).
+CLUSTER_DOWN = b"slot ledger (Redis) is unreachable"
 #: Keep-alive frames of the two NDJSON wires: an empty token that is not the end.
 _NDJSON_FRAME = re.compile(rb'"(response|content)":""\}?,"done":false\}$')
 
@@ -120,7 +123,10 @@ class Event:
     """Something done to upstream or the proxy just before request `at` is sent."""
 
     at: int
-    action: str  # fault, clear, slow, fast, down, up, restart, reload, drain
+    #: fault, clear, slow, fast, down, up, restart, reload, drain; in a cluster also
+    #: kill (SIGKILL proxy `arg`), redis_kill, redis_start, crawl and walk (generations
+    #: slow enough to run through Redis's outage, and back).
+    action: str
     arg: Any = None
 
 
@@ -140,16 +146,65 @@ class Settings:
 @dataclass(frozen=True)
 class Plan:
     seed: int
-    mode: str  # "inproc": Server in this process; "process": python -m proxy
+    mode: str  # "inproc": Server in this process; "process": python -m proxy; "cluster": several
     settings: Settings
     specs: list[Spec]
     events: list[Event]
+    proxies: int = 1
+    #: The proxy each request is sent to, by index (a cluster's; empty: proxy 0).
+    routes: tuple[int, ...] = ()
 
     def events_at(self, index: int) -> list[Event]:
         return [event for event in self.events if event.at == index]
 
+    def route(self, index: int) -> int:
+        return self.routes[index] if self.routes else 0
+
 
 def make_plan(seed: int, n: int) -> Plan:
+    return _plan(seed, n)[0]
+
+
+def make_cluster_plan(seed: int, n: int) -> Plan:
+    """The plan of `seed` (its clients, upstream faults, reloads and drain) spread over 2 or 3
+    proxies that share one Redis, with one proxy SIGKILLed and Redis killed and started again
+    at seeded moments.
+
+    Proxy 0 takes about half the clients and is never killed nor drained, so one proxy
+    always survives. A drain (of the proxy not killed) takes the requests from the plan's
+    hang onwards, as in a single proxy's run: they hang into it or arrive while it drains.
+    The requests of a killed proxy that come after the kill go to the others.
+    """
+    plan, span = _plan(seed, n)
+    rng = random.Random(seed * 7_000_003 + 1)  # its own: the single proxy's plan stays what it was
+    drain = any(event.action == "drain" for event in plan.events)
+    proxies = 3 if drain else rng.choice((2, 3))
+    victim = rng.randrange(1, proxies)
+    drained = 3 - victim  # the other of 1 and 2 (used only with 3 proxies, when the plan drains)
+    weights = [proxies - 1] + [1] * (proxies - 1)
+    routes = tuple(
+        drained if drain and i >= span else rng.choices(range(proxies), weights)[0] for i in range(n)
+    )
+    first, last = max(1, n // 6), max(2, span - 4)
+    down = rng.randrange(first, last)
+    up = min(span, down + rng.randint(3, 8))
+    events = [
+        dataclasses.replace(event, arg=drained) if event.action == "drain" else event for event in plan.events
+    ] + [
+        Event(rng.randrange(first, last), "kill", victim),
+        # Requests admitted just before Redis goes still run when it is back: every proxy
+        # writes them back while the others admit again, where the limit is easiest to lose.
+        Event(max(0, down - 6), "crawl"),
+        Event(down, "redis_kill"),
+        Event(up, "redis_start"),
+        Event(min(span, up + 3), "walk"),
+    ]
+    events.sort(key=lambda e: e.at)  # stable: the single proxy's events first at each index
+    return dataclasses.replace(plan, mode="cluster", events=events, proxies=proxies, routes=routes)
+
+
+def _plan(seed: int, n: int) -> tuple[Plan, int]:
+    """The plan, and where its last stretch begins (a drain's, or `n`)."""
     rng = random.Random(seed)
     limit = rng.randint(1, 4)
     tokens, token_delay = 6, rng.choice((0.005, 0.01, 0.02))
@@ -198,7 +253,7 @@ def make_plan(seed: int, n: int) -> Plan:
         events.append(Event(span, "fault", rng.choice(("hang_headers", "hang_body"))))
         events.append(Event(max(span, n - 3), "drain"))
     events.sort(key=lambda e: e.at)  # stable: a window's begin and end keep their order
-    return Plan(seed, "process" if seed % 2 else "inproc", settings, specs, events)
+    return Plan(seed, "process" if seed % 2 else "inproc", settings, specs, events), span
 
 
 def _spec(rng: random.Random, n: int) -> Spec:
@@ -394,8 +449,43 @@ class Verdict:
     violation: str | None = None
 
 
-def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: float | None) -> Verdict:
-    """Complete answer, or exactly one clear error; never silence, never a false end."""
+def judge(
+    result: Call,
+    records: list[GenRecord],
+    tokens: int,
+    drain_began: float | None,
+    *,
+    killed_at: float | None = None,
+    redis_down: tuple[float, float] | None = None,
+) -> Verdict:
+    """Complete answer, or exactly one clear error; never silence, never a false end.
+
+    In a cluster two more clear errors: `killed_at` is when the client's own proxy was
+    SIGKILLed (None: it was not), so a connection it cut is the client's one error; and
+    Redis's refusal (503, or in-band after a keep-alive 200) is right only for a request
+    that was open while Redis was down, `redis_down` being from its kill until every proxy
+    said it answers again (None: Redis never went down, so no refusal is right).
+    """
+    if killed_at is not None and _cut_by_kill(result, killed_at):
+        return Verdict("cut_by_kill")
+    verdict = _judge(result, records, tokens, drain_began)
+    if CLUSTER_DOWN not in result.body:
+        return verdict
+    if redis_down is None or not (result.sent_at <= redis_down[1] and result.ended_at >= redis_down[0]):
+        return Verdict(verdict.outcome, f"refused for Redis down while Redis answered: {_seen(result)}")
+    if verdict.violation is None and verdict.outcome in ("error:503", "inband_error"):
+        return Verdict("refused:cluster_down")
+    return verdict
+
+
+def _cut_by_kill(result: Call, killed_at: float) -> bool:
+    """The connection broke (no status, or a body cut short) and was open when its proxy died."""
+    if result.vanished or result.failure in (None, "timeout") or result.ended_at < killed_at:
+        return False
+    return result.status is None or not result.framed
+
+
+def _judge(result: Call, records: list[GenRecord], tokens: int, drain_began: float | None) -> Verdict:
     spec = result.spec
     if result.vanished:
         if result.vanished == "before_body" and records:
@@ -405,7 +495,7 @@ def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: floa
     if result.failure == "timeout":
         return Verdict("silence", f"no end within the client's timeout: {_seen(result)}")
     if result.status is None:
-        if after_drain and (result.failure or "").startswith("connect:"):
+        if after_drain and _refused(result, records):
             return Verdict("refused_after_drain")  # the drain had ended and the listener closed
         return Verdict("no_response", f"the connection ended without a status line: {_seen(result)}")
     if not result.framed:
@@ -439,6 +529,15 @@ def judge(result: Call, records: list[GenRecord], tokens: int, drain_began: floa
                 verdict.outcome, f"upstream completed, the client got {verdict.outcome}: {_seen(result)}"
             )
     return verdict
+
+
+def _refused(result: Call, records: list[GenRecord]) -> bool:
+    """Refused by a closed listener: the connection, or (sent as the drain ended and the
+    listener closed) reset or closed before a byte was read, the request never served."""
+    failure = result.failure or ""
+    if failure.startswith("connect:"):
+        return True
+    return failure in ("ConnectionResetError", "IncompleteReadError") and not result.body and not records
 
 
 def _judge_unknown_model(result: Call, records: list[GenRecord]) -> Verdict:

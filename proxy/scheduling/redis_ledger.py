@@ -414,6 +414,9 @@ class RedisLedger:
         Redis counting its running requests.
         """
         self._rejoin_until = asyncio.get_running_loop().time() + max(REJOIN_WINDOW, self._cluster.lease)
+        assert self._client is not None
+        # Idle pooled connections to the server that went away sit in CLOSE_WAIT until used: close them.
+        await self._client.connection_pool.disconnect(inuse_connections=False)
         await self._write_back()
         await self._heartbeat()
         while self._orphans:

@@ -685,12 +685,8 @@ class ClusterRun(Run):
             await self.outage
 
     async def check_leases(self) -> None:
-        """No lease left: the survivors gave theirs back, the killed proxy's ran out."""
-        # Not a violation: a pooled connection to the Redis that was killed stays in CLOSE_WAIT
-        # until the pool hands it out again (then it is replaced); at most the pool's size.
-        self.redis_close_wait = sum(
-            1 for p in self.procs for c in p.redis_sockets() if c.status == psutil.CONN_CLOSE_WAIT
-        )
+        """No lease left (the survivors gave theirs back, the killed proxy's ran out), and no
+        connection to Redis left in CLOSE_WAIT."""
 
         async def none_left() -> bool:
             self.leases_left = await self.redis_server.leases()
@@ -700,6 +696,13 @@ class ClusterRun(Run):
             await eventually(none_left, timeout=LEASE + 2)
         if any(self.leases_left.values()):
             self.violations.append(f"leases left in Redis {LEASE + 2:.0f}s after the run: {self.leases_left}")
+        # A pooled connection to the Redis that was killed: closed when the proxy saw Redis
+        # answer again, not left in CLOSE_WAIT until the pool happens to hand it out.
+        self.redis_close_wait = sum(
+            1 for p in self.procs for c in p.redis_sockets() if c.status == psutil.CONN_CLOSE_WAIT
+        )
+        if self.redis_close_wait:
+            self.violations.append(f"{self.redis_close_wait} connections to Redis left in CLOSE_WAIT")
 
     def rejoined_running(self) -> list[int]:
         """Requests each proxy wrote back when Redis answered again (how much the rejoin had to do)."""

@@ -391,9 +391,7 @@ class RedisLedger:
             return
         self.view.up = False
         self.view.fallbacks += 1
-        for leases in self._held.values():
-            for lease in leases:
-                lease.written = False
+        self._unwritten()
         mode = self._cluster.on_redis_down
         what = (
             f"serving on with this proxy's share of each limit (max_concurrent {self._global_budget()} "
@@ -417,6 +415,7 @@ class RedisLedger:
         assert self._client is not None
         # Idle pooled connections to the server that went away sit in CLOSE_WAIT until used: close them.
         await self._client.connection_pool.disconnect(inuse_connections=False)
+        self._unwritten()  # an earlier attempt may have written them to a Redis that went away again
         await self._write_back()
         await self._heartbeat()
         while self._orphans:
@@ -431,6 +430,12 @@ class RedisLedger:
             self._cluster.redis, self.id, self._held_total, self.view.peers,
         )  # fmt: skip
         self._room()
+
+    def _unwritten(self) -> None:
+        """Redis may have lost every lease this proxy holds: none counts as written any more."""
+        for leases in self._held.values():
+            for lease in leases:
+                lease.written = False
 
     async def _write_back(self) -> None:
         """Write a lease for every running request Redis may not know, until none is left

@@ -40,6 +40,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import uuid
@@ -180,6 +181,11 @@ class RedisLedger:
         self._registered = False
         #: Slots each other proxy held at its last heartbeat (for the budget while Redis is down).
         self._peer_running: dict[str, int] = {}
+        self._peers_heard_at = -math.inf
+        #: Slots the others held by the count in this proxy's last take's or give's answer, and
+        #: when: under load much fresher than a heartbeat, so the share while Redis is down
+        #: starts from what the others ran a moment before, not up to a second before.
+        self._others_counted = (-math.inf, 0)
         #: Loop time until which admissions through Redis also keep to this proxy's share.
         self._rejoin_until = 0.0
         self._client: aioredis.Redis | None = None
@@ -300,7 +306,7 @@ class RedisLedger:
         written: _Lease | None = None
         if self.view.up and self._client is not None:
             try:
-                refused = await self._call(
+                refused, taken = await self._call(
                     "take",
                     [self._peers_keys[0], *lease.keys],
                     [self._lease_ms, lease.member, self.id, *(c for _, c in pairs)],
@@ -312,6 +318,7 @@ class RedisLedger:
                 if refused == -1:  # as if it had been down: write everything back first
                     self._went_down(Forgotten("it no longer knows this proxy: restarted, flushed or stalled"))
                 elif refused:
+                    self._counted(taken)
                     self._global_full = self._global_full or refused == 1
                     return False
                 elif self._rejoining() and not self._within_share(claim):  # another take won meanwhile
@@ -320,6 +327,7 @@ class RedisLedger:
                 else:
                     lease.written = True
                     self._keep(claim, lease)
+                    self._counted(taken)
                     return True
         if self._cluster.on_redis_down == "refuse" or not self._within_share(claim):
             if written is not None:
@@ -350,10 +358,12 @@ class RedisLedger:
         assert task is not None
         self._giving.add(task)
         try:
-            await self._call("give", lease.keys, [lease.member, self._channel, self.id])
+            taken = await self._call("give", lease.keys, [lease.member, self._channel, self.id])
         except (RedisError, OSError, TimeoutError) as err:
             self._orphans.append(lease)
             self._went_down(err)
+        else:
+            self._counted(taken)
         finally:
             self._giving.discard(task)
         self._room()  # our own waiters need no round trip through pub/sub
@@ -362,6 +372,10 @@ class RedisLedger:
         self._held.setdefault(claim, []).append(lease)
         self._held_total += 1
         self._held_by_model[claim.model] += 1
+
+    def _counted(self, taken: int) -> None:
+        """Redis's global count just now, of which this proxy's own are the rest."""
+        self._others_counted = (asyncio.get_running_loop().time(), max(0, int(taken) - self._held_total))
 
     def _share(self, limit: int) -> int:
         return max(1, limit // max(1, self.view.peers))
@@ -373,6 +387,9 @@ class RedisLedger:
         count on theirs). At least 1 while Redis is down, as the contract says; none beyond
         the limit once Redis answers, where the limit is promised."""
         others = sum(self._peer_running.values())
+        counted_at, counted = self._others_counted
+        if counted_at > self._peers_heard_at and not (self.view.up and self._rejoining()):
+            others = counted  # fresher; but not while rejoining: Redis's counts miss the peers not back yet
         room = min(self._share(self._max_concurrent), self._max_concurrent - others)
         return room if self.view.up else max(1, room)
 
@@ -474,6 +491,7 @@ class RedisLedger:
             for name, was in self._peer_running.items():
                 running.setdefault(name, max(was, share))
         self._peer_running = running
+        self._peers_heard_at = asyncio.get_running_loop().time()
         seen = {json.dumps(peer["limits"], sort_keys=True) for peer in peers.values() if "limits" in peer}
         if len(seen) > 1 and seen != self._limits_seen:
             log.warning(

@@ -6,27 +6,28 @@ any number of limit keys (with one cap each for `TAKE`): a new kind of limit is 
 more key, not a new script.
 """
 
-# KEYS: the peers' sorted set, then the limits' sorted sets; ARGV: lease ms, member, this
-# proxy's id, then one cap per limit. Returns 0 when taken, the 1-based index of the first
-# limit that is full, or -1 when this proxy is not registered: Redis restarted (or was
-# flushed) since, so the counts miss this proxy's running requests until it writes them back.
-# A member already held answers 0: the client retries a call whose connection broke, and
-# the first run may have taken it.
+# KEYS: the peers' sorted set, then the limits' sorted sets (the global one first); ARGV: lease
+# ms, member, this proxy's id, then one cap per limit. Returns {outcome, slots now taken in the
+# first limit}: outcome 0 when taken, the 1-based index of the first limit that is full, or -1
+# when this proxy is not registered: Redis restarted (or was flushed) since, so the counts miss
+# this proxy's running requests until it writes them back. A member already held is taken:
+# the client retries a call whose connection broke, and the first run may have taken it.
 TAKE = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then return -1 end
-if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return 0 end
+if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then return {-1, 0} end
+if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return {0, redis.call('ZCARD', KEYS[2])} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 2, #KEYS do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i + 2]) then return i - 1 end
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i + 2]) then return {i - 1, redis.call('ZCARD', KEYS[2])} end
 end
 for i = 2, #KEYS do
   redis.call('ZADD', KEYS[i], now + tonumber(ARGV[1]), ARGV[2])
 end
-return 0
+return {0, redis.call('ZCARD', KEYS[2])}
 """
-# KEYS: the limits' sorted sets; ARGV: member, room channel, this proxy's id.
+# KEYS: the limits' sorted sets (the global one first); ARGV: member, room channel, this
+# proxy's id. Returns the slots still taken in the first limit.
 GIVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -35,7 +36,7 @@ for _, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 0
+return redis.call('ZCARD', KEYS[1])
 """
 # KEYS: the limits' sorted sets; ARGV: lease ms, member. Extends the lease, writing it
 # again where it is gone (reaped, or Redis restarted): the request runs, so the ledger

@@ -53,9 +53,10 @@ async def test_take_run_twice_for_one_member_takes_one_slot(redis_server: RedisS
         take = client.register_script(redis_scripts.TAKE)
         await client.zadd(f"{PREFIX}:peers", {"p1": 2**40})
         keys = [f"{PREFIX}:peers", f"{PREFIX}:lease:global"]
-        assert await take(keys=keys, args=[3000, "p1:1", "p1", 1]) == 0
-        assert await take(keys=keys, args=[3000, "p1:1", "p1", 1]) == 0  # the same member: still one
-        assert await take(keys=keys, args=[3000, "p1:2", "p1", 1]) == 1  # full
+        # (outcome, slots taken): taken; the same member again: taken, still one; another: full.
+        assert await take(keys=keys, args=[3000, "p1:1", "p1", 1]) == [0, 1]
+        assert await take(keys=keys, args=[3000, "p1:1", "p1", 1]) == [0, 1]
+        assert await take(keys=keys, args=[3000, "p1:2", "p1", 1]) == [1, 1]
         assert await client.zcard(f"{PREFIX}:lease:global") == 1
     finally:
         await client.aclose()
@@ -125,5 +126,33 @@ async def test_a_proxy_back_before_its_peer_keeps_room_for_what_the_peer_ran(
             assert not await a.take(Claim("m"))  # Redis answers: the limit, with B's 3 counted
             # B never returns: once the rejoin is over (`lease`), A has the whole limit again.
             await eventually(lambda: a.take(Claim("m")), timeout=10)
+    finally:
+        await client.aclose()
+
+
+async def test_the_share_while_redis_is_down_starts_from_the_last_count_seen(
+    redis_server: RedisServer,
+) -> None:
+    """B takes 3 of the limit of 4 just after A's heartbeat; A's own take then answers that
+    Redis counts 4. When Redis goes down a moment later, A's share is the 1 slot left, not
+    the 2 its heartbeat would give (a second old, from before B's takes)."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        async with (
+            ledger(redis_server.url, max_concurrent=4) as a,
+            ledger(redis_server.url, max_concurrent=4) as b,
+        ):
+            a_was = await client.zscore(f"{PREFIX}:peers", a.id)
+
+            async def a_heartbeat() -> bool:
+                return await client.zscore(f"{PREFIX}:peers", a.id) != a_was
+
+            await eventually(a_heartbeat, timeout=5)  # the next is a second away
+            for _ in range(3):
+                assert await b.take(Claim("m"))
+            assert await a.take(Claim("m"))  # its answer: 4 taken, 3 of them elsewhere
+            await redis_server.kill()
+            assert not await a.take(Claim("m"))  # Redis down: max(1, min(4 // 2, 4 - 3)) = 1, held
+            assert not a.view.up
     finally:
         await client.aclose()

@@ -104,8 +104,13 @@ async def test_sigterm_drains_running_and_queued_requests_then_exits_0(sim, tmp_
             async with http.post(proxy.listen + "/api/generate", json=body) as resp:
                 return resp.status, await resp.read()
 
+        async def one_waiting() -> bool:
+            async with http.get(proxy.admin + "/-/queue") as resp:
+                return (await resp.json())["waiting"] == 1
+
         requests = [asyncio.create_task(generate()) for _ in range(2)]
-        await sim.wait_until(lambda: sim.active == 1)  # one running, one queued
+        await sim.wait_until(lambda: sim.active == 1)  # one running
+        await eventually(one_waiting)  # one queued (on a loaded machine it may arrive later)
         proxy.proc.send_signal(signal.SIGTERM)
         await proxy.log_line(r"draining: 1 running, 1 waiting")
         results = await asyncio.gather(*requests)

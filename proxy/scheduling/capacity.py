@@ -84,27 +84,50 @@ def backend_limits(backends: Mapping[str, BackendConfig]) -> dict[str, tuple[int
     }
 
 
-class LocalLedger:
-    """The global `max_concurrent`, the per-model caps and each backend's own limits,
-    counted in this process. A claim that names a backend this ledger does not know
-    (removed by a reload) gets no slot; one naming none is held to the fleet-wide limits."""
+class LedgerLimits:
+    """What every ledger keeps alike, counted here or in Redis: the limits it counts
+    against (the global one, the per-model caps, each backend's own) and who to tell
+    when room may have appeared."""
 
     def __init__(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
         self._max_concurrent = limits.max_concurrent
         self._caps = model_caps(limits)
         self._backends = backend_limits(backends or {})
-        self._taken = 0
-        self._by_model: Counter[str] = Counter()
-        self._by_backend: Counter[str] = Counter()
-        self._by_backend_model: Counter[tuple[str, str]] = Counter()
         self._listeners: list[Callable[[], None]] = []
-
-    def __repr__(self) -> str:
-        return f"<LocalLedger taken={self._taken}/{self._max_concurrent} caps={self._caps}>"
 
     @property
     def caps(self) -> Mapping[str, int]:
         return self._caps
+
+    def on_room(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
+        self._max_concurrent = limits.max_concurrent
+        self._caps = model_caps(limits)
+        if backends is not None:
+            self._backends = backend_limits(backends)
+        self._room()
+
+    def _room(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+
+class LocalLedger(LedgerLimits):
+    """The global `max_concurrent`, the per-model caps and each backend's own limits,
+    counted in this process. A claim that names a backend this ledger does not know
+    (removed by a reload) gets no slot; one naming none is held to the fleet-wide limits."""
+
+    def __init__(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
+        super().__init__(limits, backends)
+        self._taken = 0
+        self._by_model: Counter[str] = Counter()
+        self._by_backend: Counter[str] = Counter()
+        self._by_backend_model: Counter[tuple[str, str]] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<LocalLedger taken={self._taken}/{self._max_concurrent} caps={self._caps}>"
 
     def take(self, claim: Claim) -> bool:
         if self._taken >= self._max_concurrent:
@@ -141,20 +164,6 @@ class LocalLedger:
 
     def full(self) -> bool:
         return self._taken >= self._max_concurrent
-
-    def on_room(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
-
-    def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
-        self._max_concurrent = limits.max_concurrent
-        self._caps = model_caps(limits)
-        if backends is not None:
-            self._backends = backend_limits(backends)
-        self._room()
-
-    def _room(self) -> None:
-        for listener in self._listeners:
-            listener()
 
 
 _K = TypeVar("_K")

@@ -45,7 +45,7 @@ import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +58,7 @@ from redis.exceptions import RedisError
 from proxy.config import BackendConfig, ClusterConfig, LimitsConfig
 from proxy.errors import ClusterDown
 from proxy.scheduling import redis_scripts as scripts
-from proxy.scheduling.capacity import Claim, backend_limits, model_caps
+from proxy.scheduling.capacity import Claim, LedgerLimits
 from proxy.units import format_duration
 
 log = logging.getLogger("proxy.cluster")
@@ -151,7 +151,7 @@ class ClusterView:
     running: dict[str, int] = field(default_factory=dict)
 
 
-class RedisLedger:
+class RedisLedger(LedgerLimits):
     """The `CapacityLedger` whose counts live in Redis, shared by every proxy with the same prefix.
 
     `attach` gives it the client the server owns; `run` is its background work
@@ -159,11 +159,8 @@ class RedisLedger:
     """
 
     def __init__(self, cluster: ClusterConfig, limits: LimitsConfig) -> None:
+        super().__init__(limits)  # the backends' limits come with `configure`
         self._cluster = cluster
-        self._max_concurrent = limits.max_concurrent
-        self._caps = model_caps(limits)
-        #: Each backend's `max_concurrent` and model caps (`configure` gives them).
-        self._backends: dict[str, tuple[int, dict[str, int]]] = {}
         #: Each access key's own `max_running`, by key name (`limit_clients` gives them).
         self._client_caps: Mapping[str, int] = {}
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -173,7 +170,6 @@ class RedisLedger:
         self._held_total = 0
         #: Leases given back while Redis was down: removed when it answers again.
         self._orphans: list[_Lease] = []
-        self._listeners: list[Callable[[], None]] = []
         #: The last take refused for the global limit: a pass may stop early until room is reported.
         self._global_full = False
         self._limits_seen: set[str] = set()
@@ -203,10 +199,6 @@ class RedisLedger:
 
     # -- the CapacityLedger protocol ---------------------------------------------
 
-    @property
-    def caps(self) -> Mapping[str, int]:
-        return self._caps
-
     def take(self, claim: Claim) -> Awaitable[bool]:
         return self._take(claim)
 
@@ -233,16 +225,9 @@ class RedisLedger:
             return False  # let a pass reach the waiters, to refuse them
         return self._held_total >= self._global_budget()
 
-    def on_room(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
-
     def configure(self, limits: LimitsConfig, backends: Mapping[str, BackendConfig] | None = None) -> None:
-        self._max_concurrent = limits.max_concurrent
-        self._caps = model_caps(limits)
-        if backends is not None:
-            self._backends = backend_limits(backends)
         self._global_full = False
-        self._room()
+        super().configure(limits, backends)
 
     def limit_clients(self, caps: Mapping[str, int]) -> None:
         """Lease each access key's `max_running` across every proxy too (key name -> cap).
@@ -396,10 +381,6 @@ class RedisLedger:
     @property
     def _lease_ms(self) -> int:
         return round(self._cluster.lease * 1000)
-
-    def _room(self) -> None:
-        for listener in self._listeners:
-            listener()
 
     # -- state changes, logged once each -------------------------------------------
 

@@ -52,7 +52,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def redis_server() -> AsyncIterator[RedisServer]:
-    """A real redis-server on a free loopback port (modules that use it call `require_redis_server`)."""
+    """A real redis-server on a free loopback port (tests that use it are marked `needs_redis_server`)."""
     server = RedisServer()
     await server.start()
     try:

@@ -20,10 +20,9 @@ import yaml
 
 from proxy.sim import Simulator
 from tests.support import REPO, ProxyProcess, eventually, proxy_config, running_proxy
-from tests.support.redisserver import RedisServer, require_redis_server
+from tests.support.redisserver import RedisServer, needs_redis_server
 
-require_redis_server()
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [needs_redis_server, pytest.mark.timeout(120)]
 
 
 @pytest.fixture

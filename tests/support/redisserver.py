@@ -20,16 +20,12 @@ from tests.support import eventually
 REDIS_SERVER = shutil.which("redis-server")
 
 
-_MISSING = REDIS_SERVER is None and os.environ.get("CI") != "true"
-_WHY = "redis-server is not installed (apt-get install redis-server)"
-#: The same for one test in a module that mostly needs no Redis (skipped before its fixtures start).
-needs_redis_server = pytest.mark.skipif(_MISSING, reason=_WHY)
-
-
-def require_redis_server() -> None:
-    """Skip the calling module without redis-server, unless in CI."""
-    if _MISSING:
-        pytest.skip(_WHY, allow_module_level=True)
+#: Marks a test (or, as `pytestmark`, a module) that needs redis-server: skipped without it,
+#: before its fixtures start, except in CI, where a missing server must fail.
+needs_redis_server = pytest.mark.skipif(
+    REDIS_SERVER is None and os.environ.get("CI") != "true",
+    reason="redis-server is not installed (apt-get install redis-server)",
+)
 
 
 def _free_port() -> int:

@@ -18,9 +18,9 @@ from proxy.scheduling import redis_scripts
 from proxy.scheduling.capacity import Claim
 from proxy.scheduling.redis_ledger import RedisLedger, connect
 from tests.support import eventually
-from tests.support.redisserver import RedisServer, require_redis_server
+from tests.support.redisserver import RedisServer, needs_redis_server
 
-require_redis_server()
+pytestmark = needs_redis_server
 
 PREFIX = "oqp"
 
